@@ -1,0 +1,144 @@
+"""Capacity math shared by ``mistral-serve plan`` and the engine's KV-pool sizing.
+
+How many KV tokens fit next to the weights, how many sequences that is at a given context
+(with and without Mistral's sliding window), and the decode-step floor set by memory
+bandwidth (every decode step reads all weights once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mistral_serve.engine.block_manager import cdiv
+from mistral_serve.model.config import ModelConfig
+
+GIB = 1024**3
+CPU_DEFAULT_KV_BYTES = 1 * GIB
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: int
+    bandwidth_bytes_per_s: float
+
+
+GPUS = {
+    "H100-80GB": GPU("H100-80GB", 80 * 10**9, 3.35e12),
+    "H200-141GB": GPU("H200-141GB", 141 * 10**9, 4.8e12),
+    "A100-80GB": GPU("A100-80GB", 80 * 10**9, 2.039e12),
+    "A100-40GB": GPU("A100-40GB", 40 * 10**9, 1.555e12),
+    "L40S-48GB": GPU("L40S-48GB", 48 * 10**9, 0.864e12),
+    "A10G-24GB": GPU("A10G-24GB", 24 * 10**9, 0.6e12),
+    "L4-24GB": GPU("L4-24GB", 24 * 10**9, 0.3e12),
+}
+
+_MISTRAL_7B = dict(
+    vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)
+# Published config.json values (the fields capacity math needs), for planning without a download.
+PRESETS: dict[str, dict] = {
+    "mistral-7b-v0.1": dict(_MISTRAL_7B, model_type="mistral", vocab_size=32000, rope_theta=10000.0,
+                            sliding_window=4096, max_position_embeddings=32768),
+    "mistral-7b-v0.3": dict(_MISTRAL_7B, model_type="mistral", rope_theta=1e6, sliding_window=None,
+                            max_position_embeddings=32768),
+    "llama-3.1-8b": dict(_MISTRAL_7B, model_type="llama", vocab_size=128256, rope_theta=500000.0,
+                         max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-2-13b": dict(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40, head_dim=128,
+                        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+}
+PRESET_ALIASES = {
+    "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1",
+    "mistralai/Mistral-7B-Instruct-v0.1": "mistral-7b-v0.1",
+    "mistralai/Mistral-7B-v0.3": "mistral-7b-v0.3",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b-v0.3",
+    "meta-llama/Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Llama-2-13b-hf": "llama-2-13b",
+}
+
+
+def kv_blocks_for_budget(config: ModelConfig, kv_bytes: int, block_size: int, dtype_bytes: int) -> int:
+    """Blocks of ``block_size`` tokens that fit in ``kv_bytes``."""
+    return kv_bytes // (config.kv_bytes_per_token(dtype_bytes) * block_size)
+
+
+def cuda_kv_budget(total: int, free: int, utilization: float, activation_reserve: int) -> int:
+    """KV bytes on a GPU: the utilization share of the card, less what is already in use
+    (weights, CUDA context, other processes) and a reserve for one step's activations."""
+    return max(0, int(total * utilization) - (total - free) - activation_reserve)
+
+
+def activation_reserve_bytes(config: ModelConfig, max_num_batched_tokens: int, max_num_seqs: int, dtype_bytes: int) -> int:
+    """Peak activations of one step: the widest layer for every token, plus float32 logits."""
+    widest = max(2 * config.intermediate_size, config.hidden_size * 4)
+    return 2 * max_num_batched_tokens * widest * dtype_bytes + max_num_seqs * config.vocab_size * 4 * 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    gpu: str
+    dtype_bytes: int
+    max_model_len: int
+    parameters: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes_per_token_without_gqa: int
+    kv_budget_bytes: int
+    kv_tokens: int
+    kv_tokens_per_seq: int
+    max_seqs: int
+    max_seqs_without_window: int
+    max_seqs_without_gqa: int
+    decode_floor_ms: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(
+    config: ModelConfig,
+    model: str,
+    gpu: GPU,
+    dtype_bytes: int,
+    max_model_len: int | None = None,
+    utilization: float = 0.9,
+    block_size: int = 16,
+    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int = 256,
+) -> Plan:
+    params = config.num_parameters()
+    weights = params * dtype_bytes
+    ctx = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+    reserve = activation_reserve_bytes(config, max_num_batched_tokens, max_num_seqs, dtype_bytes)
+    budget = cuda_kv_budget(gpu.memory_bytes, gpu.memory_bytes - weights, utilization, reserve)
+    per_token = config.kv_bytes_per_token(dtype_bytes)
+    blocks = budget // (per_token * block_size)
+    window = config.sliding_window
+    blocks_per_seq_full = cdiv(ctx, block_size)
+    blocks_per_seq = min(blocks_per_seq_full, cdiv(window, block_size) + 1) if window else blocks_per_seq_full
+    mha_per_token = config.kv_bytes_per_token(dtype_bytes, gqa=False)
+    return Plan(
+        model=model,
+        gpu=gpu.name,
+        dtype_bytes=dtype_bytes,
+        max_model_len=ctx,
+        parameters=params,
+        weight_bytes=weights,
+        kv_bytes_per_token=per_token,
+        kv_bytes_per_token_without_gqa=mha_per_token,
+        kv_budget_bytes=budget,
+        kv_tokens=blocks * block_size,
+        kv_tokens_per_seq=blocks_per_seq * block_size,
+        max_seqs=blocks // blocks_per_seq,
+        max_seqs_without_window=blocks // blocks_per_seq_full,
+        max_seqs_without_gqa=(budget // (mha_per_token * block_size)) // blocks_per_seq_full,
+        decode_floor_ms=weights / gpu.bandwidth_bytes_per_s * 1e3,
+    )

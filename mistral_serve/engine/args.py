@@ -1,0 +1,42 @@
+"""Engine arguments, named as vLLM names them where the concept is the same."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="checkpoint directory or hub repo id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: the checkpoint's dtype on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = Field(None, ge=16, description="default: the model's max_position_embeddings")
+    max_num_seqs: int = Field(128, ge=1, description="sequences in the running batch at most")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens (prefill + decode) per step at most")
+    block_size: int = Field(16, ge=1, le=1024)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_memory_bytes: int | None = Field(
+        None, gt=0, description="KV pool size; default on CPU: 1 GiB; on CUDA derived from gpu_memory_utilization"
+    )
+    enable_chunked_prefill: bool = True
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: all cores)")
+
+    def torch_dtype(self, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        return DTYPES.get(checkpoint_dtype or "bfloat16", torch.bfloat16)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -1,0 +1,64 @@
+"""The offline API, in vLLM's shape: ``LLM(model, **engine_args).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from tqdm import tqdm
+
+from mistral_serve.engine.args import EngineArgs
+from mistral_serve.engine.llm_engine import LLMEngine
+from mistral_serve.engine.outputs import RequestOutput
+from mistral_serve.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str, **engine_args) -> None:
+        self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        priority: Seq[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run all prompts to completion with continuous batching; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError("sampling_params must be one object or one per prompt")
+        order: dict[str, int] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, prompt, _copy(p), priority[i] if priority else 0)
+            order[rid] = i
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(prompts), disable=not use_tqdm, desc="generate") as bar:
+            while self.engine.has_unfinished_requests():
+                for delta in self.engine.step():
+                    if delta.request_id in results:
+                        results[delta.request_id].merge(delta)
+                    else:
+                        results[delta.request_id] = delta
+                    if delta.finished:
+                        bar.update(1)
+        return [results[rid] for rid in sorted(order, key=order.get)]
+
+
+def _copy(params: SamplingParams) -> SamplingParams:
+    """Each request gets its own params (the engine fills in a default max_tokens)."""
+    from dataclasses import replace
+
+    return replace(params)

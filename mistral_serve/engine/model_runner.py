@@ -1,0 +1,112 @@
+"""Turns a scheduled step into tensors, runs the model once, and returns the sampling logits.
+
+All per-token index math (positions, cache slots, attention gather indices, masks) is done
+with tensor ops over the whole step; Python touches each *sequence* once to collect its new
+token ids and block table, never each token inside the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mistral_serve.engine.attention import AttentionMetadata, build_group
+from mistral_serve.engine.sequence import Sequence
+from mistral_serve.model.config import ModelConfig
+from mistral_serve.model.loader import load_model
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_index: torch.Tensor
+    sample_rows: list[int]  # index into the scheduled list of each sequence that samples
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int,
+        block_size: int,
+    ) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.block_size = block_size
+        self.sliding_window = config.sliding_window
+        self.model = load_model(model_dir, config, dtype, device, max_model_len)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One K and one V tensor per layer, [num_blocks * block_size, kv_heads, head_dim].
+
+        Zero-filled: padded gather slots read real memory, and garbage (NaN) there would leak
+        through a masked softmax into the output.
+        """
+        cfg = self.config
+        shape = (num_blocks * self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
+        token_ids: list[int] = []
+        q_start: list[int] = []
+        q_len: list[int] = []
+        offsets: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        for row, (seq, n) in enumerate(scheduled):
+            start = seq.num_computed_tokens
+            token_ids.extend(seq.token_ids[start : start + n])
+            q_start.append(start)
+            q_len.append(n)
+            offsets.append(seq.block_offset)
+            tables.append(seq.block_table)
+            if start + n == seq.num_tokens:
+                sample_rows.append(row)
+        dev = self.device
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        starts = torch.tensor(q_start, dtype=torch.long)
+        lens = torch.tensor(q_len, dtype=torch.long)
+        block_offset = torch.tensor(offsets, dtype=torch.long)
+        token_offset = torch.cumsum(lens, 0) - lens
+        seq_of_token = torch.repeat_interleave(torch.arange(len(scheduled)), lens)
+        positions = starts[seq_of_token] + torch.arange(len(token_ids)) - token_offset[seq_of_token]
+        block_col = positions // self.block_size - block_offset[seq_of_token]
+        slot_mapping = table[seq_of_token, block_col] * self.block_size + positions % self.block_size
+
+        groups = []
+        is_decode = lens == 1
+        groups_per_kv = self.config.num_queries_per_kv
+        for members in (is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten()):
+            if len(members):
+                groups.append(build_group(
+                    starts[members].to(dev), lens[members].to(dev), token_offset[members].to(dev),
+                    table[members].to(dev), block_offset[members].to(dev),
+                    self.block_size, self.sliding_window, groups_per_kv,
+                ))
+        logits_index = (token_offset + lens - 1)[sample_rows]
+        return StepInputs(
+            input_ids=torch.tensor(token_ids, dtype=torch.long).to(dev),
+            positions=positions.to(dev),
+            meta=AttentionMetadata(slot_mapping=slot_mapping.to(dev), groups=groups),
+            logits_index=logits_index.to(dev),
+            sample_rows=sample_rows,
+        )
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """One forward over the whole ragged batch → float32 logits [num sampling seqs, vocab]."""
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_index)

@@ -1,0 +1,52 @@
+"""Request outputs in vLLM's shape (``RequestOutput.outputs[0].token_ids`` / ``.text`` / ``.finish_reason``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestMetrics:
+    """Per-request timings in seconds and the compute time the engine attributed to it."""
+
+    queue_time: float | None = None
+    ttft: float | None = None
+    e2e: float | None = None
+    inter_token_latencies: list[float] = field(default_factory=list)
+    compute_seconds: float = 0.0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """From the engine each output is a *delta*: the tokens and text new since the previous
+    output of the same request. ``LLM.generate`` accumulates them into the final result."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+
+    def merge(self, delta: RequestOutput) -> None:
+        """Append a later delta of the same request."""
+        mine, theirs = self.outputs[0], delta.outputs[0]
+        mine.text += theirs.text
+        mine.token_ids.extend(theirs.token_ids)
+        if theirs.logprobs is not None:
+            mine.logprobs = (mine.logprobs or []) + theirs.logprobs
+        mine.finish_reason, mine.stop_reason = theirs.finish_reason, theirs.stop_reason
+        self.finished = delta.finished
+        self.metrics = delta.metrics or self.metrics

@@ -1,0 +1,106 @@
+"""A request as the engine tracks it: tokens, KV progress, block table, timings, cost."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mistral_serve.engine.sampling_params import SamplingParams
+from mistral_serve.tokenizer.detokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestTimings:
+    """Wall-clock marks (time.monotonic) and the compute-seconds attributed to the request."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    inter_token: list[float] = field(default_factory=list)
+    compute_seconds: float = 0.0
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+
+class Sequence:
+    """One request. ``token_ids`` holds prompt + output; KV exists for the first
+    ``num_computed_tokens`` of them. After a preemption (recompute) ``num_computed_tokens``
+    drops to zero and the whole ``token_ids`` is prefilled again; nothing is re-sampled."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: tuple[int, ...],
+        detokenizer: IncrementalDetokenizer | None,
+        priority: int = 0,
+        arrival_order: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_len = len(prompt_token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.params = params
+        self.eos_token_ids = () if params.ignore_eos else eos_token_ids
+        self.stop_ids = frozenset(params.stop_token_ids) | frozenset(self.eos_token_ids)
+        self.detokenizer = detokenizer
+        self.priority = priority
+        self.arrival_order = arrival_order
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        # Live physical blocks; block_table[0] holds logical block ``block_offset`` (earlier
+        # blocks slid out of the attention window and went back to the pool).
+        self.block_table: list[int] = []
+        self.block_offset = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        self.timings = RequestTimings()
+        self.logprobs: list[dict[int, float]] = []
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def sort_key(self) -> tuple[int, int]:
+        """Scheduling order: lower priority value first, then first come first served."""
+        return (self.priority, self.arrival_order)
+
+    def __repr__(self) -> str:
+        return f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, {self.status.value})"

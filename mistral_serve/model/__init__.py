@@ -1,0 +1,1 @@
+"""The Mistral/Llama decoder family in plain PyTorch, and how to load it from HF checkpoints."""

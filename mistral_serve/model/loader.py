@@ -1,0 +1,133 @@
+"""Load a Hugging Face checkpoint (local directory or hub name) into ``DecoderModel``.
+
+One path for every checkpoint: the embedded tiny model, ``mistralai/Mistral-7B-Instruct-v0.3``
+and Llama 3.1 alike are a directory with ``config.json`` and ``*.safetensors`` (one file or
+shards listed in ``model.safetensors.index.json``), tensors named as transformers names them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mistral_serve.model.config import ModelConfig
+from mistral_serve.model.decoder import DecoderModel
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub repo id resolved through the HF cache.
+
+    With ``HF_HUB_OFFLINE=1`` only the local cache is consulted, which is how air-gapped
+    clusters run after pre-seeding the model cache volume.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        return path
+    if path.exists() or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"model {str(name_or_path)!r} is neither a checkpoint directory nor a hub repo id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS))
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) over all shards, one tensor in memory at a time."""
+    for file in _checkpoint_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+# HF per-projection names → (our fused parameter, position of the part in the fused matrix).
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def _part_rows(model: DecoderModel, fused: str, part: int) -> tuple[int, int]:
+    """Row range of part ``part`` inside a fused weight."""
+    cfg = model.config
+    if fused == "qkv_proj":
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        starts = [0, q, q + kv, q + 2 * kv]
+    else:
+        i = cfg.intermediate_size
+        starts = [0, i, 2 * i]
+    return starts[part], starts[part + 1]
+
+
+def load_weights(model: DecoderModel, model_dir: Path) -> None:
+    """Copy checkpoint tensors into the (already materialised) model, fusing as we go."""
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for hf_name, tensor in iter_checkpoint(model_dir):
+        if "rotary_emb" in hf_name:
+            continue
+        name = hf_name.removeprefix("model.")
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _FUSED:
+            fused, part = _FUSED[parts[-2]]
+            name = ".".join(parts[:-2] + [fused, parts[-1]])
+            lo, hi = _part_rows(model, fused, part)
+            target = params[name].data[lo:hi]
+            loaded.add(f"{name}#{part}")
+        elif name in params:
+            target = params[name].data
+            loaded.add(name)
+        else:
+            raise KeyError(f"unexpected tensor {hf_name!r} in checkpoint {model_dir}")
+        if target.shape != tensor.shape:
+            raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
+        target.copy_(tensor)
+    expected = set()
+    for name in params:
+        leaf = name.split(".")[-2]
+        if leaf in ("qkv_proj", "gate_up_proj"):
+            expected |= {f"{name}#{p}" for p in range(3 if leaf == "qkv_proj" else 2)}
+        else:
+            expected.add(name)
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        loaded.discard("lm_head.weight")
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks tensors: {sorted(missing)[:5]}…")
+
+
+def load_model(
+    model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> DecoderModel:
+    """Build the model without initialising random weights, then fill it from the checkpoint."""
+    with torch.device("meta"):
+        model = DecoderModel(config, max_positions, dtype).to(dtype)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope.build_tables(device)
+    with torch.no_grad():
+        load_weights(model, model_dir)
+    return model.eval().requires_grad_(False)
