@@ -142,3 +142,29 @@ def plan(
         max_seqs_without_gqa=(budget // (mha_per_token * block_size)) // blocks_per_seq_full,
         decode_floor_ms=weights / gpu.bandwidth_bytes_per_s * 1e3,
     )
+
+
+def format_plan(p: Plan, config: ModelConfig) -> str:
+    gib = lambda b: f"{b / GIB:,.2f} GiB"  # noqa: E731
+    kib = lambda b: f"{b / 1024:,.0f} KiB"  # noqa: E731
+    window = f"{config.sliding_window} tokens" if config.sliding_window else "none"
+    rows = [
+        ("model", p.model),
+        ("GPU", p.gpu),
+        ("dtype bytes", p.dtype_bytes),
+        ("parameters", f"{p.parameters / 1e9:.2f} B"),
+        ("weights", gib(p.weight_bytes)),
+        ("KV per token (GQA)", kib(p.kv_bytes_per_token)),
+        ("KV per token (without GQA)", kib(p.kv_bytes_per_token_without_gqa)),
+        ("KV budget", gib(p.kv_budget_bytes)),
+        ("KV tokens that fit", f"{p.kv_tokens:,}"),
+        ("context (max_model_len)", f"{p.max_model_len:,}"),
+        ("sliding window", window),
+        ("KV tokens per full-context sequence", f"{p.kv_tokens_per_seq:,}"),
+        ("max concurrent sequences at full context", f"{p.max_seqs:,}"),
+        ("  … if the window were ignored", f"{p.max_seqs_without_window:,}"),
+        ("  … without GQA (MHA)", f"{p.max_seqs_without_gqa:,}"),
+        ("decode step floor (weights / bandwidth)", f"{p.decode_floor_ms:.2f} ms"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

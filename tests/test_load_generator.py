@@ -106,7 +106,8 @@ class FakeOpenAIServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app)
+        # cancel handlers whose client went away (the hang mode), and do not wait long on exit
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
         self.loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         self.loop.run_until_complete(site.start())
@@ -658,7 +659,7 @@ def test_locustfile_imports():
     import importlib
 
     mod = importlib.import_module("load_tests.locustfile")
-    assert hasattr(mod, "CompletionsUser")
+    assert hasattr(mod, "LLMUser")
 
 
 # ============================================================================================

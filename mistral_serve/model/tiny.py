@@ -137,3 +137,35 @@ def build_tiny_model(
     )
     write_tokenizer(out, mistral_common_files=(arch == "mistral"))
     return out
+
+
+def default_cache_dir() -> Path:
+    """Where ``mistral-serve serve`` builds the embedded model on first use."""
+    import os
+
+    root = os.environ.get("MISTRAL_SERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mistral-serve"
+    )
+    return Path(root)
+
+
+TINY_MODEL_NAME = "tiny-mistral-v3"
+
+
+def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
+    """The embedded default model (seed 0, window 128), built once into the cache.
+
+    Built in a temporary sibling directory and renamed into place, so a crash or a
+    concurrent builder never leaves a half-written checkpoint behind.
+    """
+    target = Path(cache_dir or default_cache_dir()) / f"{TINY_MODEL_NAME}-seed0"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    build_tiny_model(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process won the race; use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
