@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import aiohttp
+
 from . import SCENARIOS
 from .report import write_json, write_markdown, write_plots
 from .scenarios import default_out_dir, run_scenario
@@ -201,14 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)  # exits 2 on a usage error
     try:
         report = execute(a)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # e.g. while discovering the model
+        print(f"mistral-serve load: cannot reach the server: {e}", file=sys.stderr)
+        return 1
     except (ValueError, OSError, RuntimeError) as e:
         print(f"mistral-serve load: error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # aiohttp errors while discovering the model, etc.
-        if type(e).__module__.startswith("aiohttp"):
-            print(f"mistral-serve load: cannot reach the server: {e}", file=sys.stderr)
-            return 1
-        raise
     s = report["summary"]
     keys = ("sent", "ok", "rejected", "errors", "req_per_s", "output_tok_per_s", "goodput_req_per_s",
             "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "e2e_p99_s")

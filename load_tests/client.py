@@ -39,7 +39,8 @@ class RequestRecord:
     status: int = 0
     outcome: str = "error"
     error: str | None = None
-    error_type: str | None = None
+    error_type: str | None = None  # http_<status>, timeout, connection, cancelled, incomplete_stream, ...
+    server_error_type: str | None = None  # error.type (or .code) of an OpenAI error body
     retry_after_s: float | None = None
     ttft_s: float | None = None
     e2e_s: float | None = None
@@ -63,8 +64,13 @@ class RequestRecord:
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
     def to_dict(self) -> dict:
+        """JSON-ready; times rounded to microseconds to keep report.json small."""
         d = asdict(self)
         d["tpot_s"] = self.tpot_s
+        for k in ("scheduled_s", "start_s", "end_s", "ttft_s", "e2e_s", "tpot_s", "retry_after_s"):
+            if d[k] is not None:
+                d[k] = round(d[k], 6)
+        d["itl_s"] = [round(g, 6) for g in self.itl_s]
         return d
 
 
@@ -141,7 +147,9 @@ async def send_request(
                 text = await resp.text()
                 record.outcome = classify(resp.status)
                 record.retry_after_s = parse_retry_after(resp.headers.get("Retry-After"))
-                record.error, record.error_type = _error_from_body(text)
+                record.error, record.server_error_type = _error_from_body(text)
+                if record.outcome == "error":
+                    record.error_type = f"http_{resp.status}"
                 record.e2e_s = time.perf_counter() - t_send
                 return record
             done = False
@@ -165,7 +173,8 @@ async def send_request(
                 if not isinstance(chunk, dict):
                     continue
                 if "error" in chunk and not chunk.get("choices"):
-                    record.error, record.error_type = _error_from_body(json.dumps(chunk))
+                    record.error, record.server_error_type = _error_from_body(json.dumps(chunk))
+                    record.error_type = "error_in_stream"
                     record.outcome = "error"
                     record.e2e_s = time.perf_counter() - t_send
                     return record

@@ -7,7 +7,7 @@ distributed workers.  Locust is an optional extra (``pip install 'mistral-serve[
 
 Each user streams requests back to back (closed loop; add ``--wait`` seconds between them).
 Reported in Locust's statistics:
-    POST /v1/completions (or /v1/chat/completions)   whole request (end-to-end), as usual
+    POST /v1/completions (or /v1/chat/completions)   whole request, send -> [DONE] (end-to-end)
     TTFT <path>     a custom entry fired with ``events.request.fire``: time to the first content chunk
     TPOT <path>     mean time per output token after the first (from ``usage.completion_tokens``)
 Rejections (429/503) are failures with the status and Retry-After in the message; the user then
@@ -113,8 +113,10 @@ class LLMUser(HttpUser):
             elif resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
             else:
+                nbytes = 0
                 try:
                     for raw in resp.iter_lines():
+                        nbytes += len(raw) + 1
                         line = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else raw.strip()
                         if not line.startswith("data:"):
                             continue
@@ -142,6 +144,9 @@ class LLMUser(HttpUser):
                         resp.failure("stream ended without data: [DONE]")
                     else:
                         resp.success()
+                # with stream=True Locust timed only the headers: report the whole stream instead
+                resp.request_meta["response_time"] = (time.perf_counter() - t0) * 1000
+                resp.request_meta["response_length"] = nbytes
         end = time.perf_counter()
         if first is not None and done:
             self._fire("TTFT", (first - t0) * 1000)

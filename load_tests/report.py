@@ -44,8 +44,14 @@ def _f(v: Any, unit: str = "", nd: int = 3) -> str:
     if isinstance(v, float):
         if unit == " ms":
             return f"{v * 1000:.{max(nd - 2, 0) if v * 1000 >= 100 else 1}f} ms"
+        if abs(v) >= 100:
+            return f"{v:,.0f}{unit}"
         return f"{v:.{nd}g}{unit}"
     return f"{v}{unit}"
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{v * 100:.1f}%"
 
 
 def _ms(v: Any) -> str:
@@ -65,10 +71,10 @@ def summary_markdown(s: dict) -> str:
         ["requests sent / ok / rejected (429+503) / errors",
          f"{s['sent']} / {s['ok']} / {s['rejected']} ({s.get('rejected_429', 0)}+{s.get('rejected_503', 0)}) / {s['errors']}"],
         ["accounted for (sent = ok + rejected + errors)", _f(s.get("accounting_balanced"))],
-        ["error rate / rejection rate", f"{_f(s.get('error_rate'))} / {_f(s.get('rejection_rate'))}"],
+        ["error rate / rejection rate", f"{_pct(s.get('error_rate'))} / {_pct(s.get('rejection_rate'))}"],
         ["window", _f(s.get("window_s"), " s")],
         ["throughput", f"{_f(s.get('req_per_s'))} req/s, {_f(s.get('output_tok_per_s'))} output tok/s"],
-        [f"goodput (SLO: {slo_txt})", f"{_f(s.get('goodput_req_per_s'))} req/s ({_f(s.get('goodput_frac'))} of sent)"],
+        [f"goodput (SLO: {slo_txt})", f"{_f(s.get('goodput_req_per_s'))} req/s ({_pct(s.get('goodput_frac'))} of sent)"],
     ]
     if s.get("cost_usd_total") is not None:
         rows.append(["cost reported by server", f"${s['cost_usd_total']:.6g} total, "
@@ -81,7 +87,8 @@ def summary_markdown(s: dict) -> str:
     out = _table(["", ""], rows)
     lat = [[name] + [_ms(s.get(f"{key}_p{p}_s")) for p in PCTS] for name, key in (
         ("TTFT", "ttft"), ("ITL (per chunk)", "itl"), ("TPOT (per token)", "tpot"), ("end-to-end", "e2e"),
-        ("Retry-After of rejections", "retry_after"))]
+        )]
+    lat.append(["Retry-After of rejections"] + [_f(s.get(f"retry_after_p{p}_s"), " s") for p in PCTS])
     out += "\n\n" + _table(["latency", *(f"p{p}" for p in PCTS)], lat)
     return out
 
@@ -141,8 +148,13 @@ def write_markdown(report: dict, out_dir: Path) -> Path:
             lines += ["Server-side router counters (delta over the run, as scraped; Ray exports with a delay): "
                       f"`{json.dumps(sc['server_counters'])}`", ""]
     if kind == "soak" and sc.get("slopes"):
-        rows = [[k, _f(v.get("first")), _f(v.get("last")), _f(v.get("per_h")), _f(v.get("r2")), v.get("n")]
-                for k, v in sc["slopes"].items() if v]
+        rows = []
+        for k, v in sc["slopes"].items():
+            if not v:
+                continue
+            div, unit = (1e6, " MB") if k.endswith("_bytes") else (1.0, " s" if k.endswith("_s") else "")
+            rows.append([k, _f(v["first"] / div, unit), _f(v["last"] / div, unit), _f(v["per_h"] / div, unit),
+                         _f(v.get("r2")), v.get("n")])
         lines += ["## Drift over the soak", "", _table(["series", "first", "last", "slope per hour", "r²", "samples"], rows), ""]
     if kind == "ramp" and sc.get("replicas"):
         r = sc["replicas"]
@@ -209,7 +221,7 @@ def plot_throughput_vs_time(tl: Sequence[dict], path: Path, schedule: Sequence[S
     if schedule:
         a2.plot([p[0] for p in schedule], [p[1] for p in schedule], "k--", alpha=.6, label="offered rate")
     a2.set_ylabel("req/s"); a2.legend(fontsize=8)
-    a3.step(t, _col(tl, "in_flight"), where="mid", label="in flight (client)")
+    a3.step(t, _col(tl, "in_flight"), where="mid", label="requests in flight (client, mean per interval)")
     a3.set_ylabel("in flight"); a3.set_xlabel("time since start, s"); a3.legend(fontsize=8)
     for a in (a1, a2, a3):
         a.grid(alpha=.3)
@@ -266,16 +278,18 @@ def plot_memory_kv(samples: Sequence[dict], path: Path, slopes: dict) -> None:
     plt = _plt()
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     t = _col(samples, "t_s")
-    for key in ("rss_bytes", "rss_tree_bytes", "server_rss_bytes", "ray_rss_bytes"):
+    for i, key in enumerate(("rss_bytes", "rss_tree_bytes", "server_rss_bytes", "ray_rss_bytes")):
         ys = _col(samples, key)
-        if all(math.isnan(y) for y in ys):
+        base = next((y for y in ys if not math.isnan(y)), None)
+        if base is None:
             continue
-        a1.plot(t, [y / 1e6 for y in ys], marker=".", label=key.replace("_bytes", ""))
+        a1.plot(t, [(y - base) / 1e6 for y in ys], marker=".", color=f"C{i}",
+                label=f"{key.replace('_bytes', '')} (first {base / 1e6:,.0f} MB)")
         sl = slopes.get(key)
         if sl:
-            a1.plot(t, [(sl["intercept"] + sl["per_s"] * x) / 1e6 for x in t], "--", alpha=.6,
-                    label=f"fit {sl['per_h'] / 1e6:+.3g} MB/h")
-    a1.set_ylabel("MB"); a1.legend(fontsize=8); a1.set_title("memory")
+            a1.plot(t, [(sl["intercept"] + sl["per_s"] * x - base) / 1e6 for x in t], "--", color=f"C{i}",
+                    alpha=.6, label=f"fit {sl['per_h'] / 1e6:+.3g} MB/h")
+    a1.set_ylabel("MB since first sample"); a1.legend(fontsize=8); a1.set_title("resident memory drift")
     ys = _col(samples, "kv_usage")
     a2.plot(t, ys, marker=".", label="KV cache usage (mean over replicas)")
     sl = slopes.get("kv_usage")

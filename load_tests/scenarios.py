@@ -30,8 +30,14 @@ from .stats import SLO, find_saturation, slope, summarize, timeline
 from .workload import Workload
 
 
+def phase_window(p: PhaseResult) -> tuple[float, float]:
+    """Throughput window of a phase: its start to when its last request finished (or was cut)."""
+    last = max((r.end_s for r in p.records if r.end_s is not None), default=p.issue_end_s)
+    return p.start_s, max(p.issue_end_s, last)
+
+
 def phase_dict(p: PhaseResult, slo: SLO) -> dict:
-    s = summarize(p.records, slo, client_dropped=p.client_dropped)
+    s = summarize(p.records, slo, window=phase_window(p), client_dropped=p.client_dropped)
     return {"name": p.name, "mode": p.mode, "offered": p.offered, "start_s": round(p.start_s, 3),
             "issue_end_s": round(p.issue_end_s, 3), "end_s": round(p.end_s, 3), "summary": s, **p.extra}
 
@@ -42,7 +48,7 @@ class Progress:
     def __init__(self, runner: Runner, total_s: float, enabled: bool, desc: str) -> None:
         self.runner = runner
         self.bar = tqdm(total=round(total_s, 1), unit="s", desc=desc, disable=not enabled,
-                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}", leave=True)
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s{postfix}", leave=True)
         self.phase = ""
         self._task: asyncio.Task | None = None
 
@@ -52,6 +58,8 @@ class Progress:
             await asyncio.sleep(0.5)
 
     def update(self) -> None:
+        if self.bar.disable:
+            return
         recs = self.runner.records
         ok = sum(r.outcome == "ok" and r.end_s is not None for r in recs)
         rej = sum(r.outcome == "rejected" for r in recs)
@@ -129,16 +137,17 @@ async def run_scenario(a: argparse.Namespace, workload: Workload) -> dict:
     records = runner.records
     phase_dicts = [phase_dict(p, slo) for p in phases]
     dropped = sum(p.client_dropped for p in phases)
+    run_window = (phases[0].start_s if phases else 0.0, max([phase_window(p)[1] for p in phases] or [wall]))
     if a.scenario == "overload":
         main = [p for p in phases if p.name == "overload"]
-        summary = phase_dicts[-1]["summary"] if main else summarize(records, slo)
-        whole = summarize(records, slo, client_dropped=dropped)
+        summary = phase_dicts[-1]["summary"] if main else summarize(records, slo, window=run_window)
+        whole = summarize(records, slo, window=run_window, client_dropped=dropped)
         scen["accounting"] = {"sent": summary["sent"], "ok": summary["ok"], "rejected": summary["rejected"],
                               "errors": summary["errors"], "balanced": summary["accounting_balanced"],
                               "whole_run": {k: whole[k] for k in ("sent", "ok", "rejected", "errors",
                                                                   "accounting_balanced")}}
     else:
-        summary = summarize(records, slo, client_dropped=dropped)
+        summary = summarize(records, slo, window=run_window, client_dropped=dropped)
     if before and after:
         scen["server_counters"] = {
             k: (after[k] - before[k]) for k in ("admitted_total", "rejected_total")
@@ -158,8 +167,10 @@ async def run_scenario(a: argparse.Namespace, workload: Workload) -> dict:
         else:
             notes.append("the metrics endpoint had no replica / queue series (check --metrics-prefix, --deployment)")
     if a.scenario == "soak":
-        ts = [s["t_s"] for s in samples]
-        slopes = {k: slope(ts, [s.get(k) for s in samples])
+        # only samples taken while load was applied (not the idle tail after issuing stopped)
+        steady = [s for s in samples if s["t_s"] <= (phases[0].issue_end_s if phases else wall)]
+        ts = [s["t_s"] for s in steady]
+        slopes = {k: slope(ts, [s.get(k) for s in steady])
                   for k in ("rss_bytes", "rss_tree_bytes", "server_rss_bytes", "ray_rss_bytes", "kv_usage")}
         ok = [r for r in records if r.outcome == "ok"]
         slopes["ttft_s"] = slope([r.start_s for r in ok], [r.ttft_s for r in ok])
@@ -232,7 +243,7 @@ async def _sweep(a, runner: Runner, phases: list, slo: SLO, scen: dict, hard: fl
             p = await runner.open_loop(name, RateSchedule.constant(lvl, d), drain_deadline_s=drain,
                                        arrival=a.arrival, seed=a.seed + i)
         phases.append(p)
-        s = summarize(p.records, slo)
+        s = summarize(p.records, slo, window=phase_window(p))
         summaries.append({**s, "offered": p.offered, "mode": mode})
         sat = find_saturation(summaries, growth_min=a.growth_min)
         if sat["found"]:
@@ -258,7 +269,7 @@ async def _overload(a, runner: Runner, phases: list, scen: dict, hard: float, pr
         p = await runner.closed_loop("probe", a.probe_concurrency, probe_s,
                                      drain_deadline_s=min(runner.now() + probe_s + a.drain_timeout, hard))
         phases.append(p)
-        s = summarize(p.records)
+        s = summarize(p.records, window=phase_window(p))
         sat = s["req_per_s"] or 0.0
         source = f"measured: closed loop at {a.probe_concurrency} users for {probe_s:g} s"
         if sat <= 0:

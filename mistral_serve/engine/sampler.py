@@ -23,6 +23,7 @@ class SampleResult:
     logprobs: list[dict[int, float] | None]
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """Choose one token per row of ``logits`` [N, V] (float32) for the matching ``seqs``."""
     want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]

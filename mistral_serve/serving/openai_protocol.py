@@ -1,0 +1,281 @@
+"""OpenAI API request models, their mapping onto ``SamplingParams``, and response/chunk shapes.
+
+Decisions where the API leaves room (docs/serving.md):
+- ``prompt``: a string, a list of token ids, or a list holding exactly one of those. Batches of
+  several prompts and ``n`` / ``best_of`` > 1 are rejected with 400 (send separate requests),
+  as are ``echo``, ``suffix``, ``logit_bias``, tools and JSON response formats.
+- vLLM's extra sampling fields are accepted: ``top_k``, ``min_p``, ``repetition_penalty``,
+  ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
+  ``skip_special_tokens``. Unknown fields are ignored, as OpenAI does.
+- ``max_tokens`` defaults to 16 for completions (OpenAI's default) and to the rest of the
+  context for chat; ``max_completion_tokens`` is an alias for chat.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mistral_serve.engine.sampling_params import SamplingParams
+from mistral_serve.serving.admission import AdmissionError
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def _common_checks(self) -> None:
+        if self.n is not None and self.n != 1:
+            raise _bad("n > 1 is not supported: send n separate requests (each may set its own seed).", "n")
+        if self.logit_bias:
+            raise _bad("logit_bias is not supported.", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise _bad("stream_options is only allowed when stream is true.", "stream_options")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        kwargs: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": self.top_k or 0,
+            "min_p": self.min_p or 0.0,
+            "seed": self.seed,
+            "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "logprobs": logprobs,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+        try:
+            return SamplingParams(**kwargs)
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            first = message.split(" ", 1)[0]
+            param = first if first in kwargs or first in ("stop",) else None
+            if message.startswith("at most") or message.startswith("stop strings"):
+                param = "stop"
+            raise _bad(message[:1].upper() + message[1:] + ".", param) from None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        self._common_checks()
+        if self.best_of not in (None, 1):
+            raise _bad("best_of > 1 is not supported.", "best_of")
+        if self.echo:
+            raise _bad("echo is not supported.", "echo")
+        if self.suffix:
+            raise _bad("suffix is not supported.", "suffix")
+
+    def single_prompt(self) -> str | list[int]:
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        if not p:
+            raise _bad("The prompt is empty.", "prompt")
+        if all(isinstance(x, int) for x in p):
+            return list(p)
+        if len(p) != 1:
+            raise _bad("Batches of prompts are not supported: send one prompt per request.", "prompt")
+        return p[0]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _roles(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+                raise ValueError("each message needs a role of system, user, assistant or tool")
+        return messages
+
+    def check(self) -> None:
+        self._common_checks()
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise _bad("tools are not supported by this server.", "tools")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise _bad("response_format other than text is not supported.", "response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _bad("top_logprobs requires logprobs to be true.", "top_logprobs")
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def normalized_messages(self) -> list[dict[str, Any]]:
+        """Content parts joined to text ("developer" is OpenAI's new name for system)."""
+        out = []
+        for m in self.messages:
+            m = dict(m)
+            if m["role"] == "developer":
+                m["role"] = "system"
+            content = m.get("content")
+            if isinstance(content, list):
+                texts = []
+                for part in content:
+                    if not isinstance(part, dict) or part.get("type") != "text":
+                        raise _bad("Only text content parts are supported.", "messages")
+                    texts.append(str(part.get("text", "")))
+                m["content"] = "".join(texts)
+            out.append(m)
+        return out
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+
+
+def _bad(message: str, param: str | None) -> AdmissionError:
+    return AdmissionError(400, message, reason="invalid_request", param=param)
+
+
+def parse(model_cls: type[BaseModel], body: Any) -> Any:
+    """Validate a JSON body into ``model_cls``, mapping pydantic errors to a 400 body."""
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.", None)
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith(("function-", "list[", "str", "int"))]
+        param = loc[0] if loc else None
+        what = ".".join(loc) if loc else "body"
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "missing":
+            msg = f"'{what}' is a required property"
+        else:
+            msg = f"Invalid value for '{what}': {msg}"
+        raise _bad(msg, param) from None
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, cost_usd: float | None) -> dict:
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if cost_usd is not None:
+        usage["cost_usd"] = round(cost_usd, 12)
+    return usage
+
+
+def completion_logprobs(entries: list) -> dict:
+    """[(token, logprob, [(token, logprob), ...]), ...] → the completions API's shape."""
+    tokens, lps, tops, offsets, offset = [], [], [], [], 0
+    for token, lp, top in entries:
+        tokens.append(token)
+        lps.append(lp)
+        tops.append({t: v for t, v in top} if top else None)
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list) -> dict:
+    def one(token: str, lp: float) -> dict:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [dict(one(t, lp), top_logprobs=[one(a, b) for a, b in (top or [])]) for t, lp, top in entries]}
+
+
+def completion_response(rid: str, model: str, created: int, text: str, finish: str | None, logprobs: dict | None,
+                        usage: dict) -> dict:
+    return {
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        "usage": usage,
+    }
+
+
+def chat_response(rid: str, model: str, created: int, text: str, finish: str | None, logprobs: dict | None,
+                  usage: dict) -> dict:
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                     "finish_reason": finish}],
+        "usage": usage,
+    }
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None,
+                     logprobs: dict | None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None, logprobs: dict | None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def usage_chunk(rid: str, model: str, created: int, obj: str, usage: dict) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+
+
+def models_response(model: str, max_model_len: int, created: int | None = None) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created or int(time.time()),
+                                        "owned_by": "mistral-serve", "max_model_len": max_model_len}]}
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+FinishReason = Literal["stop", "length", "abort"]

@@ -1,0 +1,284 @@
+"""``LLMReplica``: one async engine per replica (per GPU in production).
+
+The Router calls ``generate`` through a streaming DeploymentHandle with token ids it already
+validated. The replica answers with few, fat messages, because each message crosses Ray
+(and then the proxy) at a cost that would dominate a per-token stream:
+
+- streaming requests: the first message as soon as the first token exists (TTFT is not
+  delayed), then at most one message per ``stream_interval_ms`` holding every token produced
+  in between (the engine delivers one step's tokens for all requests in one event-loop
+  callback, so this also merges several steps when steps are faster than the interval);
+- non-streaming requests: one message at the first token (the Router's queue timeout needs
+  to know the request started) and one at the end.
+
+Cancelling the call (client disconnect, router deadline) cancels the pump task that owns the
+engine stream, which aborts the request in the engine and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray import serve
+
+from mistral_serve.engine.async_engine import AsyncLLM, EngineDeadError, RequestError
+from mistral_serve.engine.sampling_params import SamplingParams
+from mistral_serve.serving.config import AppArgs, resolve_model
+from mistral_serve.serving.cost import BusyIdleMeter, request_cost_usd
+
+logger = logging.getLogger("ray.serve")
+
+
+class _Accumulator:
+    """Merges engine deltas of one request into one outgoing message."""
+
+    def __init__(self, want_logprobs: bool) -> None:
+        self.text: list[str] = []
+        self.num_tokens = 0
+        self.logprobs: list | None = [] if want_logprobs else None
+        self.finish_reason: str | None = None
+        self.stop_reason = None
+        self.metrics = None
+        self.finished = False
+        self.prompt_tokens = 0
+
+    def add(self, out, tokenizer) -> None:
+        c = out.outputs[0]
+        self.text.append(c.text)
+        self.num_tokens += len(c.token_ids)
+        self.prompt_tokens = len(out.prompt_token_ids)
+        if self.logprobs is not None and c.logprobs:
+            for tok, entry in zip(c.token_ids, c.logprobs):
+                self.logprobs.append(_format_logprobs(tok, entry, tokenizer))
+        if out.finished:
+            self.finished = True
+            self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
+            self.metrics = out.metrics
+
+    def take(self) -> dict:
+        msg: dict[str, Any] = {"text": "".join(self.text), "n": self.num_tokens}
+        if self.logprobs is not None:
+            msg["logprobs"] = self.logprobs
+            self.logprobs = []
+        self.text, self.num_tokens = [], 0
+        return msg
+
+
+def _format_logprobs(token: int, entry: dict[int, float] | None, tokenizer) -> tuple:
+    if not entry:
+        return (tokenizer.decode([token], skip_special_tokens=False), None, [])
+    items = list(entry.items())
+    chosen = entry.get(token, items[0][1])
+    top = [(tokenizer.decode([t], skip_special_tokens=False), lp) for t, lp in items[1:]] if len(items) > 1 else []
+    if len(items) > 1 and token not in dict(items[1:]):
+        pass
+    return (tokenizer.decode([token], skip_special_tokens=False), chosen, top)
+
+
+@serve.deployment(name="LLMReplica")
+class LLMReplica:
+    def __init__(self, args: dict) -> None:
+        self.args = AppArgs.model_validate(args)
+        self.model_dir = resolve_model(self.args.model)
+        t0 = time.monotonic()
+        self.engine = AsyncLLM(self.args.engine_args(str(self.model_dir)))
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = self.args.model_name
+        self.interval_s = self.args.replicas.stream_interval_ms / 1000.0
+        self.stall_timeout_s = self.args.replicas.stall_timeout_s
+        self.price = self.args.cost.gpu_price_usd_per_hour
+        self._ongoing = 0
+        self._meter = BusyIdleMeter()
+        self._last = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0}
+        self.metrics = None
+        try:
+            from mistral_serve.serving.metrics import EngineMetrics
+
+            self.metrics = EngineMetrics(self.model_name, self.max_model_len)
+            self.metrics.set_prices(self.price, self.args.cost.reference_price_usd_per_1m_output_tokens)
+        except Exception:  # noqa: BLE001 - metrics must never keep a replica from serving
+            logger.exception("LLMReplica: metrics disabled")
+        self._metrics_task = asyncio.get_event_loop().create_task(self._metrics_loop())
+        logger.info("LLMReplica ready: model=%s dir=%s max_model_len=%d max_num_seqs=%d kv_blocks=%d (%.1fs)",
+                    self.model_name, self.model_dir, self.max_model_len, self.engine.engine.args.max_num_seqs,
+                    self.engine.engine.block_manager.num_blocks, time.monotonic() - t0)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    async def generate(self, req: dict):
+        """Async generator of message dicts: ``{"text", "n"[, "logprobs"]}`` then a final one
+        that also has ``finish_reason``, ``usage`` and ``cost_usd``. Errors travel as
+        ``{"error": {...}}`` so the Router can map them to an HTTP status."""
+        rid = req["request_id"]
+        try:
+            params = SamplingParams(**req["sampling"])
+        except (TypeError, ValueError) as exc:
+            yield {"error": {"status": 400, "message": str(exc), "reason": "invalid_request"}}
+            return
+        stream = bool(req.get("stream"))
+        acc = _Accumulator(params.logprobs is not None)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def pump() -> None:
+            try:
+                async for out in self.engine.generate(req["prompt_token_ids"], params, rid, req.get("priority", 0)):
+                    queue.put_nowait(out)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - delivered to the consumer below
+                queue.put_nowait(exc)
+
+        self._ongoing += 1
+        task = loop.create_task(pump())
+        first, last_sent = True, 0.0
+        try:
+            while True:
+                self._absorb(await queue.get(), acc)
+                self._drain(queue, acc)
+                if not acc.finished and not first and stream and self.interval_s > 0:
+                    wait = last_sent + self.interval_s - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                        self._drain(queue, acc)
+                if acc.finished:
+                    yield self._final(acc)
+                    return
+                if first or stream:
+                    first = False
+                    last_sent = loop.time()
+                    yield acc.take()
+        except RequestError as exc:
+            yield {"error": {"status": 400, "message": str(exc), "reason": _request_error_reason(str(exc))}}
+        except EngineDeadError as exc:
+            yield {"error": {"status": 503, "message": f"The model replica failed: {exc}", "reason": "no_replica"}}
+        finally:
+            self._ongoing -= 1
+            if not task.done():
+                task.cancel()  # aborts the engine request and frees its KV blocks
+            if not acc.finished and self.metrics is not None:
+                self.metrics.finished("abort", None)
+
+    @staticmethod
+    def _drain(queue: asyncio.Queue, acc: _Accumulator) -> None:
+        while not queue.empty() and not acc.finished:
+            LLMReplica._absorb_static(queue.get_nowait(), acc)
+
+    def _absorb(self, item, acc: _Accumulator) -> None:
+        self._absorb_static(item, acc)
+
+    @staticmethod
+    def _absorb_static(item, acc: _Accumulator) -> None:
+        if isinstance(item, BaseException):
+            raise item
+        acc.add(item, _TOKENIZER_OF[id(acc)] if id(acc) in _TOKENIZER_OF else None)
+
+    def _final(self, acc: _Accumulator) -> dict:
+        msg = acc.take()
+        m = acc.metrics
+        compute = m.compute_seconds if m is not None else 0.0
+        gen = m.num_generation_tokens if m is not None else 0
+        prompt = m.num_prompt_tokens if m is not None else acc.prompt_tokens
+        msg.update(
+            finish_reason=acc.finish_reason,
+            stop_reason=acc.stop_reason if isinstance(acc.stop_reason, (str, int)) else None,
+            usage={"prompt_tokens": prompt, "completion_tokens": gen},
+            cost_usd=request_cost_usd(compute, self.price),
+            compute_seconds=compute,
+        )
+        if self.metrics is not None:
+            self.metrics.finished(acc.finish_reason or "stop", m)
+        return msg
+
+    # ---- Serve hooks --------------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """Serve marks the replica unhealthy (and replaces it) when this raises: the engine
+        loop died, or it has work and has not finished a step in ``stall_timeout_s``."""
+        self.engine.check_health(self.stall_timeout_s)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Read by LeastQueueDepthRouter (request_router.py) in every caller of this deployment."""
+        s = self.engine.stats()
+        return {
+            "num_waiting": s["num_waiting"],
+            "num_running": s["num_running"],
+            "kv_usage": s["kv_usage"],
+            "capacity": s["max_num_seqs"],
+            "ongoing": self._ongoing,
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics (Ray 2.60), for a queue-depth autoscaling policy."""
+        s = self.engine.stats()
+        cap = max(1, s["max_num_seqs"])
+        return {
+            "num_waiting": float(s["num_waiting"]),
+            "num_running": float(s["num_running"]),
+            "kv_usage": float(s["kv_usage"]),
+            "batch_capacity": float(cap),
+            "queue_depth_per_capacity": float(s["num_waiting"] + s["num_running"]) / cap,
+        }
+
+    # ---- introspection (tests, operators) -----------------------------------------------------
+
+    async def stats(self) -> dict:
+        s = self.engine.stats()
+        s.pop("step_time_p50", None)
+        s.update(ongoing=self._ongoing, replica_id=_replica_id(), model=self.model_name,
+                 max_model_len=self.max_model_len)
+        return s
+
+    async def model_info(self) -> dict:
+        return {"model": self.model_name, "max_model_len": self.max_model_len, "dir": str(self.model_dir)}
+
+    async def _metrics_loop(self) -> None:
+        interval = self.args.replicas.metrics_interval_s
+        while True:
+            try:
+                self._export_metrics()
+            except Exception:  # noqa: BLE001
+                logger.exception("LLMReplica: metrics export failed")
+            await asyncio.sleep(interval)
+
+    def _export_metrics(self) -> None:
+        s = self.engine.stats()
+        has_work = s["num_running"] + s["num_waiting"] > 0 or self._ongoing > 0
+        busy, idle = self._meter.sample(s["busy_seconds"], has_work)
+        m = self.metrics
+        if m is None:
+            return
+        m.set_engine_gauges(s)
+        m.set_prices(self.price, self.args.cost.reference_price_usd_per_1m_output_tokens)
+        for key, counter in (("prompt_tokens", m.prompt_tokens), ("generation_tokens", m.generation_tokens),
+                             ("num_preemptions", m.preemptions)):
+            m.add(counter, s[key] - self._last[key])
+            self._last[key] = s[key]
+        m.add(m.busy, busy)
+        m.add(m.idle, idle)
+        m.add(m.idle_cost, request_cost_usd(idle, self.price))
+
+    def __del__(self) -> None:
+        try:
+            self._metrics_task.cancel()
+            self.engine.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+_TOKENIZER_OF: dict[int, Any] = {}
+
+
+def _request_error_reason(message: str) -> str:
+    return "context_length" if "maximum context length" in message else "invalid_request"
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001
+        return "local"

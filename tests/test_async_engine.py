@@ -1,0 +1,136 @@
+"""The asyncio engine: streaming deltas, abort, disconnects, failures, stats."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mistral_serve import EngineArgs, LLM, SamplingParams
+from mistral_serve.engine.async_engine import AsyncLLM, EngineDeadError, RequestError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = AsyncLLM(EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=64 << 20))
+    yield eng
+    eng.shutdown()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_streams_match_offline_results(engine, tiny_model_dir):
+    prompts = [f"Request number {i} says" for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+
+    async def one(i):
+        ids, text = [], ""
+        async for out in engine.generate(prompts[i], params, f"s{i}"):
+            ids += out.outputs[0].token_ids
+            text += out.outputs[0].text
+        assert out.finished and out.metrics.num_generation_tokens == 25
+        assert out.metrics.ttft > 0 and out.metrics.compute_seconds > 0 and len(out.metrics.inter_token_latencies) == 24
+        return ids, text
+
+    async def all_():
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    streamed = run(all_())
+    offline = LLM(str(tiny_model_dir)).generate(prompts, params)
+    assert [s[0] for s in streamed] == [o.outputs[0].token_ids for o in offline]
+    assert [s[1] for s in streamed] == [o.outputs[0].text for o in offline]
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_abort_frees_blocks_at_once(engine):
+    async def scenario():
+        gen = engine.generate("a long story", SamplingParams(max_tokens=500, ignore_eos=True), "to-abort")
+        await gen.__anext__()
+        assert engine.stats()["kv_blocks_used"] > 0
+        await engine.abort("to-abort")
+        assert engine.stats()["kv_blocks_used"] == 0
+        rest = [o async for o in gen]
+        assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+
+    run(scenario())
+
+
+def test_consumer_going_away_aborts_the_request(engine):
+    """A client disconnect cancels the consuming task; the request must not keep running."""
+
+    async def scenario():
+        async def consume():
+            async for _ in engine.generate("hello", SamplingParams(max_tokens=1000, ignore_eos=True), "gone"):
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(50):
+            if engine.stats()["kv_blocks_used"] == 0 and engine.stats()["num_running"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["num_running"] == 0
+
+    run(scenario())
+
+
+def test_invalid_requests_fail_before_queueing(engine):
+    async def scenario():
+        with pytest.raises(RequestError, match="maximum context length"):
+            async for _ in engine.generate([5] * 10, SamplingParams(max_tokens=engine.max_model_len), "too-long"):
+                pass
+        with pytest.raises(RequestError, match="token ids"):
+            async for _ in engine.generate([10**9], SamplingParams(max_tokens=2), "bad-id"):
+                pass
+
+    run(scenario())
+
+
+def test_step_failure_fails_requests_and_health(tiny_model_dir):
+    eng = AsyncLLM(EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20))
+
+    def boom():
+        raise RuntimeError("injected fault")
+
+    async def scenario():
+        eng.check_health()
+        eng.before_step = boom
+        with pytest.raises(EngineDeadError, match="injected fault"):
+            async for _ in eng.generate("hi", SamplingParams(max_tokens=5), "r"):
+                pass
+        with pytest.raises(EngineDeadError):
+            eng.check_health()
+        with pytest.raises(EngineDeadError):
+            async for _ in eng.generate("hi again", SamplingParams(max_tokens=5), "r2"):
+                pass
+
+    run(scenario())
+    eng.shutdown()
+
+
+def test_wedged_loop_fails_health_check(tiny_model_dir):
+    import threading
+
+    eng = AsyncLLM(EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20))
+    release = threading.Event()
+    eng.before_step = lambda: release.wait(10)
+
+    async def scenario():
+        gen = eng.generate("hi", SamplingParams(max_tokens=3), "stuck")
+        task = asyncio.create_task(gen.__anext__())
+        await asyncio.sleep(0.5)
+        with pytest.raises(EngineDeadError, match="no progress"):
+            eng.check_health(stall_timeout_s=0.2)
+        eng.before_step = None
+        release.set()
+        await task
+        eng.check_health(stall_timeout_s=0.2)
+        await gen.aclose()
+
+    run(scenario())
+    eng.shutdown()
