@@ -136,7 +136,7 @@ class LLMEngine:
             return []
         inputs = self.runner.prepare(plan.scheduled)
         logits = self.runner.execute(inputs)
-        sampling_seqs = [plan.scheduled[r][0] for r in inputs.sample_rows]
+        sampling_seqs = inputs.sample_seqs
         result = sample(logits, sampling_seqs)
         now = time.monotonic()
 

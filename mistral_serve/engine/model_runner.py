@@ -21,10 +21,9 @@ from mistral_serve.model.loader import load_model
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor
-    positions: torch.Tensor
     meta: AttentionMetadata
     logits_index: torch.Tensor
-    sample_rows: list[int]  # index into the scheduled list of each sequence that samples
+    sample_seqs: list[Sequence]  # sequences that sample a token this step, in logits order
 
 
 class ModelRunner:
@@ -60,6 +59,8 @@ class ModelRunner:
         ]
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
+        """Lay the step out decode-first (one token per sequence), then prefill chunks."""
+        scheduled = sorted(scheduled, key=lambda item: item[1] != 1)
         token_ids: list[int] = []
         q_start: list[int] = []
         q_len: list[int] = []
@@ -75,7 +76,6 @@ class ModelRunner:
             tables.append(seq.block_table)
             if start + n == seq.num_tokens:
                 sample_rows.append(row)
-        dev = self.device
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         starts = torch.tensor(q_start, dtype=torch.long)
@@ -87,26 +87,26 @@ class ModelRunner:
         block_col = positions // self.block_size - block_offset[seq_of_token]
         slot_mapping = table[seq_of_token, block_col] * self.block_size + positions % self.block_size
 
+        dev = self.device
+        num_decode = sum(1 for n in q_len if n == 1)
         groups = []
-        is_decode = lens == 1
-        groups_per_kv = self.config.num_queries_per_kv
-        for members in (is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten()):
-            if len(members):
+        for lo, hi in ((0, num_decode), (num_decode, len(scheduled))):
+            if hi > lo:
                 groups.append(build_group(
-                    starts[members].to(dev), lens[members].to(dev), token_offset[members].to(dev),
-                    table[members].to(dev), block_offset[members].to(dev),
-                    self.block_size, self.sliding_window, groups_per_kv,
+                    int(token_offset[lo]), starts[lo:hi].to(dev), lens[lo:hi].to(dev),
+                    table[lo:hi].to(dev), block_offset[lo:hi].to(dev),
+                    self.block_size, self.sliding_window, self.config.num_queries_per_kv, self.dtype,
                 ))
-        logits_index = (token_offset + lens - 1)[sample_rows]
+        positions = positions.to(dev)
+        cos, sin = self.model.rope.tables_at(positions)
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.long).to(dev),
-            positions=positions.to(dev),
-            meta=AttentionMetadata(slot_mapping=slot_mapping.to(dev), groups=groups),
-            logits_index=logits_index.to(dev),
-            sample_rows=sample_rows,
+            meta=AttentionMetadata(slot_mapping=slot_mapping.to(dev), cos=cos, sin=sin, groups=groups),
+            logits_index=(token_offset + lens - 1)[sample_rows].to(dev),
+            sample_seqs=[scheduled[r][0] for r in sample_rows],
         )
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """One forward over the whole ragged batch → float32 logits [num sampling seqs, vocab]."""
-        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_index)
+        return self.model(inputs.input_ids, self.kv_caches, inputs.meta, inputs.logits_index)

@@ -35,7 +35,10 @@ logger = logging.getLogger("ray.serve")
 class _Accumulator:
     """Merges engine deltas of one request into one outgoing message."""
 
-    def __init__(self, want_logprobs: bool) -> None:
+    def __init__(self, logprobs: int | None, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.k = logprobs or 0
+        want_logprobs = logprobs is not None
         self.text: list[str] = []
         self.num_tokens = 0
         self.logprobs: list | None = [] if want_logprobs else None
@@ -45,14 +48,16 @@ class _Accumulator:
         self.finished = False
         self.prompt_tokens = 0
 
-    def add(self, out, tokenizer) -> None:
-        c = out.outputs[0]
+    def add(self, item) -> None:
+        if isinstance(item, BaseException):
+            raise item
+        out, c = item, item.outputs[0]
         self.text.append(c.text)
         self.num_tokens += len(c.token_ids)
         self.prompt_tokens = len(out.prompt_token_ids)
         if self.logprobs is not None and c.logprobs:
             for tok, entry in zip(c.token_ids, c.logprobs):
-                self.logprobs.append(_format_logprobs(tok, entry, tokenizer))
+                self.logprobs.append(_format_logprobs(tok, entry, self.tokenizer, self.k))
         if out.finished:
             self.finished = True
             self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
@@ -67,20 +72,20 @@ class _Accumulator:
         return msg
 
 
-def _format_logprobs(token: int, entry: dict[int, float] | None, tokenizer) -> tuple:
+def _format_logprobs(token: int, entry: dict[int, float] | None, tokenizer, k: int) -> tuple:
+    """(token text, its logprob, [(text, logprob)] of the top k). The sampler's entry holds the
+    chosen token plus the top k, which may include the chosen one: the k best of it are the
+    top k either way."""
+    text = tokenizer.decode([token], skip_special_tokens=False)
     if not entry:
-        return (tokenizer.decode([token], skip_special_tokens=False), None, [])
-    items = list(entry.items())
-    chosen = entry.get(token, items[0][1])
-    top = [(tokenizer.decode([t], skip_special_tokens=False), lp) for t, lp in items[1:]] if len(items) > 1 else []
-    if len(items) > 1 and token not in dict(items[1:]):
-        pass
-    return (tokenizer.decode([token], skip_special_tokens=False), chosen, top)
+        return (text, None, [])
+    top = sorted(entry.items(), key=lambda kv: -kv[1])[:k] if k else []
+    return (text, entry.get(token), [(tokenizer.decode([t], skip_special_tokens=False), lp) for t, lp in top])
 
 
 @serve.deployment(name="LLMReplica")
 class LLMReplica:
-    def __init__(self, args: dict) -> None:
+    async def __init__(self, args: dict) -> None:
         self.args = AppArgs.model_validate(args)
         self.model_dir = resolve_model(self.args.model)
         t0 = time.monotonic()
@@ -102,7 +107,7 @@ class LLMReplica:
             self.metrics.set_prices(self.price, self.args.cost.reference_price_usd_per_1m_output_tokens)
         except Exception:  # noqa: BLE001 - metrics must never keep a replica from serving
             logger.exception("LLMReplica: metrics disabled")
-        self._metrics_task = asyncio.get_event_loop().create_task(self._metrics_loop())
+        self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_loop())
         logger.info("LLMReplica ready: model=%s dir=%s max_model_len=%d max_num_seqs=%d kv_blocks=%d (%.1fs)",
                     self.model_name, self.model_dir, self.max_model_len, self.engine.engine.args.max_num_seqs,
                     self.engine.engine.block_manager.num_blocks, time.monotonic() - t0)
@@ -120,7 +125,7 @@ class LLMReplica:
             yield {"error": {"status": 400, "message": str(exc), "reason": "invalid_request"}}
             return
         stream = bool(req.get("stream"))
-        acc = _Accumulator(params.logprobs is not None)
+        acc = _Accumulator(params.logprobs, self.tokenizer)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -138,13 +143,13 @@ class LLMReplica:
         first, last_sent = True, 0.0
         try:
             while True:
-                self._absorb(await queue.get(), acc)
-                self._drain(queue, acc)
+                acc.add(await queue.get())
+                _drain(queue, acc)
                 if not acc.finished and not first and stream and self.interval_s > 0:
                     wait = last_sent + self.interval_s - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
-                        self._drain(queue, acc)
+                        _drain(queue, acc)
                 if acc.finished:
                     yield self._final(acc)
                     return
@@ -162,20 +167,6 @@ class LLMReplica:
                 task.cancel()  # aborts the engine request and frees its KV blocks
             if not acc.finished and self.metrics is not None:
                 self.metrics.finished("abort", None)
-
-    @staticmethod
-    def _drain(queue: asyncio.Queue, acc: _Accumulator) -> None:
-        while not queue.empty() and not acc.finished:
-            LLMReplica._absorb_static(queue.get_nowait(), acc)
-
-    def _absorb(self, item, acc: _Accumulator) -> None:
-        self._absorb_static(item, acc)
-
-    @staticmethod
-    def _absorb_static(item, acc: _Accumulator) -> None:
-        if isinstance(item, BaseException):
-            raise item
-        acc.add(item, _TOKENIZER_OF[id(acc)] if id(acc) in _TOKENIZER_OF else None)
 
     def _final(self, acc: _Accumulator) -> dict:
         msg = acc.take()
@@ -270,7 +261,9 @@ class LLMReplica:
             pass
 
 
-_TOKENIZER_OF: dict[int, Any] = {}
+def _drain(queue: asyncio.Queue, acc: _Accumulator) -> None:
+    while not queue.empty() and not acc.finished:
+        acc.add(queue.get_nowait())
 
 
 def _request_error_reason(message: str) -> str:

@@ -1,0 +1,57 @@
+"""``build_app(args)``: the Serve application — Router (ingress) → LLMReplica, plus the
+AdmissionState replica that holds the tenants' token buckets for all routers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from mistral_serve.serving.config import AppArgs
+
+
+def deployment_options(args: AppArgs) -> tuple[dict, dict]:
+    """Options of the LLMReplica and Router deployments (a Serve config's `deployments:` wins)."""
+    r = args.replicas
+    actor = {"num_cpus": r.num_cpus}
+    if r.num_gpus:
+        actor["num_gpus"] = r.num_gpus
+    llm: dict[str, Any] = {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": args.replica_max_ongoing(),
+        "max_queued_requests": args.replica_max_queued(),
+        "health_check_period_s": r.health_check_period_s,
+        "health_check_timeout_s": r.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": r.graceful_shutdown_timeout_s,
+    }
+    if r.autoscaling_config:
+        llm["autoscaling_config"] = r.autoscaling_config
+    else:
+        llm["num_replicas"] = r.num_replicas
+    if r.request_router == "least_queue_depth":
+        llm["request_router_config"] = RequestRouterConfig(
+            request_router_class="mistral_serve.serving.request_router:LeastQueueDepthRouter",
+            request_routing_stats_period_s=r.routing_stats_period_s,
+            request_routing_stats_timeout_s=max(1.0, 5 * r.routing_stats_period_s),
+        )
+    else:
+        llm["request_router_config"] = RequestRouterConfig(request_routing_stats_period_s=r.routing_stats_period_s)
+    router = {
+        "num_replicas": args.router.num_replicas,
+        "max_ongoing_requests": args.router.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": args.router.num_cpus},
+    }
+    return llm, router
+
+
+def build_app(args: dict | AppArgs | None = None) -> serve.Application:
+    from mistral_serve.serving.replica import LLMReplica
+    from mistral_serve.serving.router import AdmissionState, Router
+
+    parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    plain = parsed.model_dump(mode="json")
+    llm_opts, router_opts = deployment_options(parsed)
+    llm = LLMReplica.options(**llm_opts).bind(plain)
+    state = AdmissionState.bind(plain) if parsed.admission.shared_state else None
+    return Router.options(**router_opts).bind(llm, state, plain)

@@ -1,0 +1,616 @@
+"""The ``Router`` ingress (OpenAI API over FastAPI) and the ``AdmissionState`` deployment.
+
+Per request the Router tokenizes, validates and admits (admission.py), then calls an
+LLMReplica through a streaming handle and turns its messages into an OpenAI response or an
+SSE stream. All accounting of an admitted request lives in one ``_Ticket`` released exactly
+once, whatever the path out: finished, error, deadline, or client disconnect (Serve cancels
+the handler; the ticket's cleanup cancels the replica call, which aborts the engine request).
+"""
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+import weakref
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mistral_serve.model.config import ModelConfig
+from mistral_serve.serving.admission import (
+    ANONYMOUS,
+    AdmissionError,
+    Decision,
+    Limits,
+    QueueGate,
+    TenantLimiter,
+    bearer_token,
+    check_context,
+)
+from mistral_serve.serving.config import AppArgs, resolve_tokenizer_dir, router_max_model_len
+from mistral_serve.serving.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    chat_chunk,
+    chat_logprobs,
+    chat_response,
+    completion_chunk,
+    completion_logprobs,
+    completion_response,
+    error_body,
+    models_response,
+    parse,
+    usage_chunk,
+    usage_dict,
+)
+from mistral_serve.serving.tenants import build_tenants
+from mistral_serve.tokenizer import load_tokenizer
+
+logger = logging.getLogger("ray.serve")
+
+LLM_DEPLOYMENT = "LLMReplica"
+ROUTER_DEPLOYMENT = "Router"
+
+api = FastAPI(title="mistral-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = {404: "Not found.", 405: "Method not allowed."}.get(exc.status_code, str(exc.detail))
+    return JSONResponse(error_body(message, "invalid_request_error", code=str(exc.status_code)), exc.status_code)
+
+
+# ---- shared tenant buckets ----------------------------------------------------------------------
+
+
+@serve.deployment(name="AdmissionState", num_replicas=1, max_ongoing_requests=4096,
+                  ray_actor_options={"num_cpus": 0})
+class AdmissionState:
+    """The tenants' token buckets, shared by every Router replica, so a tenant's limit holds
+    whichever router its requests land on. One replica; if it is lost its replacement starts
+    with full buckets, and routers fall back to their local share meanwhile."""
+
+    def __init__(self, args: dict) -> None:
+        cfg = AppArgs.model_validate(args).admission
+        _, limits, _ = build_tenants(cfg)
+        self.limiter = TenantLimiter(limits)
+
+    async def reserve(self, tenant: str, tokens: int) -> dict:
+        return dataclasses.asdict(self.limiter.reserve(tenant, tokens))
+
+    async def refund(self, tenant: str, tokens: int) -> None:
+        self.limiter.refund(tenant, tokens)
+
+    async def snapshot(self) -> dict:
+        return self.limiter.snapshot()
+
+
+# ---- per-request accounting ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Ticket:
+    tenant: str
+    prompt_tokens: int
+    reserved_tokens: int
+    reserved_in_shared_state: bool
+    started: bool = False
+    released: bool = False
+    generated: int = 0
+    cost_usd: float | None = None
+    finished: bool = False
+
+
+class _ReplicaError(Exception):
+    def __init__(self, err: AdmissionError) -> None:
+        super().__init__(err.message)
+        self.err = err
+
+
+@serve.deployment(name=ROUTER_DEPLOYMENT)
+@serve.ingress(api)
+class Router:
+    async def __init__(self, llm: DeploymentHandle, state: DeploymentHandle | None, args: dict) -> None:
+        self.args = AppArgs.model_validate(args)
+        adm = self.args.admission
+        self.adm = adm
+        self.model_name = self.args.model_name
+        tok_dir = resolve_tokenizer_dir(self.args.model)
+        self.tokenizer = load_tokenizer(tok_dir)
+        config = ModelConfig.from_dir(tok_dir)
+        self.vocab_size = config.vocab_size
+        self.max_model_len = router_max_model_len(self.args, config.max_position_embeddings)
+        self.keys, self.limits, self.allow_anonymous = build_tenants(adm)
+        self.auth_enabled = len(self.keys) > 0
+        self.local_limiter = TenantLimiter(self.limits)
+        replicas = self.args.replicas.num_replicas
+        self.gate = QueueGate(adm.max_waiting_requests or 2 * self.args.max_num_seqs * (
+            replicas if isinstance(replicas, int) else 1), adm.max_waiting_tokens, adm.retry_after_s)
+        self.llm = llm
+        self.state = state if adm.shared_state else None
+        self._state_retry_at = 0.0
+        self.draining = False
+        self._manual_drain = False
+        self.ready_replicas: int | None = None
+        self.num_routers = 1
+        self.in_flight = 0
+        self._background: set[asyncio.Task] = set()
+        self._created = int(time.time())
+        try:
+            self.app_name = serve.get_replica_context().app_name
+        except Exception:  # noqa: BLE001
+            self.app_name = None
+        self.metrics = None
+        try:
+            from mistral_serve.serving.metrics import RouterMetrics
+
+            self.metrics = RouterMetrics(self.model_name, sorted(self.limits))
+        except Exception:  # noqa: BLE001 - metrics must never keep the router from serving
+            logger.exception("Router: metrics disabled")
+        self._poll_task = asyncio.get_running_loop().create_task(self._status_loop())
+        logger.info("Router ready: model=%s max_model_len=%d tenants=%s auth=%s anonymous=%s shared_state=%s",
+                    self.model_name, self.max_model_len, sorted(self.limits), self.auth_enabled,
+                    self.allow_anonymous, self.state is not None)
+
+    # ---- routes -------------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/ready")
+    async def ready(self) -> Response:
+        if self.ready_replicas is None:
+            await self._poll_status()
+        if self.draining:
+            return self._error(AdmissionError(503, "The server is draining.", reason="draining",
+                                              retry_after_s=self.adm.retry_after_s), count=False)
+        if not self.ready_replicas:
+            return self._error(AdmissionError(503, "No model replica is ready.", reason="no_replica",
+                                              retry_after_s=self.adm.retry_after_s), count=False)
+        return JSONResponse({"status": "ready", "replicas": self.ready_replicas})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authenticate(request)
+        except AdmissionError as exc:
+            return self._error(exc, tenant=None)
+        return JSONResponse(models_response(self.model_name, self.max_model_len, self._created))
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        tenant = None
+        try:
+            tenant = self._authenticate(request)
+            body = await self._read_json(request)
+            req = parse(TokenizeRequest, body)
+            if req.model is not None and req.model != self.model_name:
+                raise self._unknown_model(req.model)
+            if (req.prompt is None) == (req.messages is None):
+                raise AdmissionError(400, "Give exactly one of 'prompt' or 'messages'.", reason="invalid_request",
+                                     param="prompt")
+            if req.messages is not None:
+                chat = parse(ChatCompletionRequest, {"model": self.model_name, "messages": req.messages})
+                ids = self._encode_chat(chat)
+            elif isinstance(req.prompt, str):
+                ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+            else:
+                ids = self._check_ids(list(req.prompt))
+            return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
+        except AdmissionError as exc:
+            return self._error(exc, tenant=tenant)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=True)
+
+    # ---- operator hooks (via a handle: serve.get_app_handle(app).set_draining.remote(True)) --
+
+    async def set_draining(self, draining: bool) -> bool:
+        self._manual_drain = bool(draining)
+        self._refresh_draining()
+        return self.draining
+
+    async def admission_snapshot(self) -> dict:
+        shared = None
+        if self.state is not None:
+            try:
+                shared = await self.state.snapshot.remote()
+            except Exception:  # noqa: BLE001
+                shared = None
+        return {"waiting_requests": self.gate.waiting_requests, "waiting_tokens": self.gate.waiting_tokens,
+                "in_flight": self.in_flight, "ready_replicas": self.ready_replicas, "num_routers": self.num_routers,
+                "draining": self.draining, "local_buckets": self.local_limiter.snapshot(), "shared_buckets": shared}
+
+    # ---- the request path ---------------------------------------------------------------------
+
+    async def _serve(self, request: Request, chat: bool) -> Response:
+        t0 = time.monotonic()
+        tenant: str | None = None
+        ticket: _Ticket | None = None
+        response: Response | None = None
+        try:
+            self._refresh_draining()
+            if self.draining:
+                raise AdmissionError(503, "The server is draining; retry on another instance.", reason="draining",
+                                     retry_after_s=self.adm.retry_after_s)
+            tenant = self._authenticate(request)
+            body = await self._read_json(request)
+            req = parse(ChatCompletionRequest if chat else CompletionRequest, body)
+            req.check()
+            if req.model != self.model_name:
+                raise self._unknown_model(req.model)
+            if chat:
+                ids = self._encode_chat(req)
+                max_tokens, logprobs = req.effective_max_tokens, req.engine_logprobs
+            else:
+                prompt = req.single_prompt()
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+                max_tokens, logprobs = req.max_tokens, req.logprobs
+            if max_tokens is not None and max_tokens < 1:
+                raise AdmissionError(400, f"max_tokens must be >= 1, got {max_tokens}.", reason="invalid_request",
+                                     param="max_tokens")
+            param = "messages" if chat else "prompt"
+            max_tokens, warning = check_context(len(ids), max_tokens, self.max_model_len,
+                                                self.adm.soft_max_context_tokens, self.adm.soft_context_policy, param)
+            if warning and self.metrics:
+                self.metrics.soft_context_exceeded(tenant, "warn")
+            params = req.sampling_params(max_tokens, logprobs)
+            if self.ready_replicas == 0:
+                raise AdmissionError(503, "No model replica is ready; retry shortly.", reason="no_replica",
+                                     retry_after_s=self.adm.retry_after_s)
+            ticket = await self._admit(tenant, len(ids), len(ids) + max_tokens)
+            payload = {
+                "request_id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "prompt_token_ids": ids,
+                "sampling": dataclasses.asdict(params),
+                "stream": bool(req.stream),
+                "priority": self.limits.get(tenant, Limits()).priority,
+            }
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            response = await self._run(payload, ticket, chat, bool(req.stream), include_usage, t0)
+            if warning:
+                response.headers["x-context-warning"] = warning
+            return response
+        except AdmissionError as exc:
+            if exc.code == "soft_context_limit_exceeded" and self.metrics and tenant:
+                self.metrics.soft_context_exceeded(tenant, "reject")
+            response = self._error(exc, tenant=tenant)
+            return response
+        finally:
+            if not isinstance(response, StreamingResponse):
+                # Streams record latency and release their ticket when the stream ends.
+                if ticket is not None:
+                    self._release(ticket)
+                if self.metrics:
+                    self.metrics.observe_latency(time.monotonic() - t0, response.status_code if response else 499)
+
+    async def _admit(self, tenant: str, prompt_tokens: int, reserve_tokens: int) -> _Ticket:
+        if self.ready_replicas:
+            self.gate.max_requests = self.adm.max_waiting_requests or 2 * self.args.max_num_seqs * self.ready_replicas
+        self.gate.try_enter(prompt_tokens).raise_if_rejected()
+        try:
+            decision, shared = await self._reserve(tenant, reserve_tokens)
+            decision.raise_if_rejected()
+        except BaseException:
+            self.gate.leave(prompt_tokens, started=False)
+            raise
+        ticket = _Ticket(tenant, prompt_tokens, reserve_tokens, shared)
+        self.in_flight += 1
+        if self.metrics:
+            self.metrics.admit(tenant)
+            self.metrics.set_in_flight(self.in_flight)
+        return ticket
+
+    async def _reserve(self, tenant: str, tokens: int) -> tuple[Decision, bool]:
+        lim = self.limits.get(tenant)
+        if lim is None or (lim.requests_per_minute is None and lim.tokens_per_minute is None):
+            return Decision(True), False
+        if self.state is not None and time.monotonic() >= self._state_retry_at:
+            try:
+                result = await asyncio.wait_for(self.state.reserve.remote(tenant, tokens), timeout=2.0)
+                return Decision(**result), True
+            except Exception:  # noqa: BLE001 - fall back to this router's share of the limits
+                logger.warning("AdmissionState unreachable; using this router's share of the tenant limits")
+                self._state_retry_at = time.monotonic() + 10.0
+        return self.local_limiter.reserve(tenant, tokens), False
+
+    def _mark_started(self, ticket: _Ticket) -> None:
+        if not ticket.started:
+            ticket.started = True
+            self.gate.leave(ticket.prompt_tokens, started=True)
+
+    def _release(self, ticket: _Ticket) -> None:
+        """Exactly once per admitted request: queue slot, refund, in-flight, billing."""
+        if ticket.released:
+            return
+        ticket.released = True
+        if not ticket.started:
+            self.gate.leave(ticket.prompt_tokens, started=False)
+        used = ticket.prompt_tokens + ticket.generated
+        unused = ticket.reserved_tokens - used
+        if unused > 0:
+            if ticket.reserved_in_shared_state and self.state is not None and _loop_running():
+                self._spawn(self._shared_refund(ticket.tenant, unused))
+            else:
+                self.local_limiter.refund(ticket.tenant, unused)
+        self.in_flight -= 1
+        if self.metrics:
+            self.metrics.set_in_flight(self.in_flight)
+            if ticket.started:
+                self.metrics.bill(ticket.tenant, ticket.prompt_tokens, ticket.generated, ticket.cost_usd)
+
+    async def _shared_refund(self, tenant: str, tokens: int) -> None:
+        try:
+            await self.state.refund.remote(tenant, tokens)
+        except Exception:  # noqa: BLE001
+            self.local_limiter.refund(tenant, tokens)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _run(self, payload: dict, ticket: _Ticket, chat: bool, stream: bool, include_usage: bool,
+                   t0: float) -> Response:
+        deadline = t0 + self.adm.request_timeout_s
+        gen = self.llm.options(stream=True).generate.remote(payload)
+        try:
+            first = await self._next(gen, min(deadline, time.monotonic() + self.adm.queue_timeout_s), queued=True)
+            self._mark_started(ticket)
+        except BaseException:
+            gen.cancel()
+            raise
+        rid, created = payload["request_id"], int(time.time())
+        if stream:
+            body = self._stream(gen, first, ticket, rid, created, chat, include_usage, deadline, t0)
+            # If the response is never iterated (client gone before it starts), the generator's
+            # finally never runs: release the ticket and cancel the call when it is collected.
+            weakref.finalize(body, self._abandon, gen, ticket)
+            return StreamingResponse(body, media_type="text/event-stream",
+                                     headers={"x-request-id": rid, "cache-control": "no-cache"})
+        texts, lps, msg = [], [], first
+        try:
+            while True:
+                self._absorb(ticket, msg)
+                texts.append(msg["text"])
+                lps.extend(msg.get("logprobs") or [])
+                if "finish_reason" in msg:
+                    break
+                msg = await self._next(gen, deadline)
+        except BaseException:
+            gen.cancel()
+            raise
+        ticket.finished = True
+        usage = usage_dict(ticket.prompt_tokens, ticket.generated, ticket.cost_usd)
+        want_lp = payload["sampling"]["logprobs"] is not None
+        if chat:
+            out = chat_response(rid, self.model_name, created, "".join(texts), msg["finish_reason"],
+                                chat_logprobs(lps) if want_lp else None, usage)
+        else:
+            out = completion_response(rid, self.model_name, created, "".join(texts), msg["finish_reason"],
+                                      completion_logprobs(lps) if want_lp else None, usage)
+        return JSONResponse(out, headers={"x-request-id": rid, "x-request-cost-usd": f"{ticket.cost_usd or 0:.12f}"})
+
+    async def _next(self, gen, deadline: float, queued: bool = False) -> dict:
+        """The next replica message within the deadline, errors mapped to AdmissionError."""
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        timeout = deadline - time.monotonic()
+        try:
+            if timeout <= 0:
+                raise asyncio.TimeoutError
+            msg = await asyncio.wait_for(gen.__anext__(), timeout)
+        except asyncio.TimeoutError:
+            if queued:
+                raise AdmissionError(503, f"The request waited more than {self.adm.queue_timeout_s:g} s to start; "
+                                     "the server is overloaded.", reason="deadline", code="queue_timeout",
+                                     retry_after_s=self.gate.retry_after()) from None
+            raise AdmissionError(504, f"The request exceeded its deadline of {self.adm.request_timeout_s:g} s.",
+                                 reason="deadline", code="deadline_exceeded") from None
+        except StopAsyncIteration:
+            raise AdmissionError(503, "The model replica ended the stream unexpectedly.", reason="no_replica",
+                                 retry_after_s=self.adm.retry_after_s) from None
+        except BackPressureError:
+            raise AdmissionError(429, "The server is overloaded: the model replicas' queues are full.",
+                                 reason="queue_full", retry_after_s=self.gate.retry_after()) from None
+        except DeploymentUnavailableError:
+            raise AdmissionError(503, "No model replica is available.", reason="no_replica",
+                                 retry_after_s=self.adm.retry_after_s) from None
+        except (asyncio.CancelledError, AdmissionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a replica died mid-request, Ray errors
+            logger.warning("replica call failed: %r", exc)
+            raise AdmissionError(503, "The model replica failed; retry the request.", reason="no_replica",
+                                 retry_after_s=self.adm.retry_after_s) from None
+        if "error" in msg:
+            e = msg["error"]
+            raise AdmissionError(e["status"], e["message"], reason=e["reason"],
+                                 code="context_length_exceeded" if e["reason"] == "context_length" else None,
+                                 retry_after_s=self.adm.retry_after_s if e["status"] >= 500 else None)
+        return msg
+
+    def _abandon(self, gen, ticket: _Ticket) -> None:
+        if not ticket.released:
+            if not ticket.finished:
+                gen.cancel()
+            self._release(ticket)
+
+    @staticmethod
+    def _absorb(ticket: _Ticket, msg: dict) -> None:
+        ticket.generated += msg.get("n", 0)
+        if "finish_reason" in msg:
+            usage = msg.get("usage") or {}
+            ticket.generated = usage.get("completion_tokens", ticket.generated)
+            ticket.cost_usd = msg.get("cost_usd")
+
+    async def _stream(self, gen, first: dict, ticket: _Ticket, rid: str, created: int, chat: bool, include_usage: bool,
+                   deadline: float, t0: float):
+        model = self.model_name
+        status = 200
+        try:
+            if chat:
+                yield _sse_line(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None, None))
+            msg = first
+            while True:
+                self._absorb(ticket, msg)
+                final = "finish_reason" in msg
+                lp = msg.get("logprobs")
+                if msg["text"] or lp or (final and not chat):
+                    if chat:
+                        chunk = chat_chunk(rid, model, created, {"content": msg["text"]}, None,
+                                           chat_logprobs(lp) if lp else None)
+                    else:
+                        chunk = completion_chunk(rid, model, created, msg["text"], msg.get("finish_reason"),
+                                                 completion_logprobs(lp) if lp else None)
+                    yield _sse_line(chunk)
+                if final:
+                    ticket.finished = True
+                    if chat:
+                        yield _sse_line(chat_chunk(rid, model, created, {}, msg["finish_reason"], None))
+                    if include_usage:
+                        usage = usage_dict(ticket.prompt_tokens, ticket.generated, ticket.cost_usd)
+                        obj = "chat.completion.chunk" if chat else "text_completion"
+                        yield _sse_line(usage_chunk(rid, model, created, obj, usage))
+                    break
+                try:
+                    msg = await self._next(gen, deadline)
+                except AdmissionError as exc:
+                    status = exc.status
+                    if self.metrics:
+                        self.metrics.reject(ticket.tenant, exc.reason)
+                    yield _sse_line(exc.body())
+                    break
+            yield "data: [DONE]\n\n"
+        except BaseException:
+            status = 499  # client went away (cancelled) or a bug: either way the stream ends here
+            raise
+        finally:
+            if not ticket.finished:
+                gen.cancel()  # aborts the engine request, frees its KV blocks
+            self._release(ticket)
+            if self.metrics:
+                self.metrics.observe_latency(time.monotonic() - t0, status)
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _authenticate(self, request: Request) -> str:
+        key = bearer_token(request.headers.get("authorization"))
+        if not self.auth_enabled:
+            return ANONYMOUS
+        if key is None:
+            if self.allow_anonymous:
+                return ANONYMOUS
+            raise AdmissionError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                                 reason="auth", code="invalid_api_key")
+        tenant = self.keys.lookup(key)
+        if tenant is None:
+            raise AdmissionError(401, "Incorrect API key provided.", reason="auth", code="invalid_api_key")
+        return tenant
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.adm.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_large = AdmissionError(413, f"The request body is larger than {limit} bytes.", reason="body_too_large",
+                                   code="request_too_large")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks) or b"null")
+        except ValueError:
+            raise AdmissionError(400, "We could not parse the JSON body of your request.",
+                                 reason="invalid_request") from None
+
+    def _unknown_model(self, model: str) -> AdmissionError:
+        return AdmissionError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                              reason="unknown_model", code="model_not_found", param="model")
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise AdmissionError(400, "The prompt is empty.", reason="invalid_request", param="prompt")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
+            raise AdmissionError(400, f"Prompt token ids must be integers in [0, {self.vocab_size}).",
+                                 reason="invalid_request", param="prompt")
+        return ids
+
+    def _encode_chat(self, req: ChatCompletionRequest) -> list[int]:
+        messages = req.normalized_messages()
+        try:
+            return list(self.tokenizer.encode_chat(messages))
+        except AdmissionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mistral-common / chat template validation
+            raise AdmissionError(400, f"Invalid messages: {exc}", reason="invalid_request",
+                                 param="messages") from None
+
+    def _error(self, exc: AdmissionError, tenant: str | None = None, count: bool = True) -> JSONResponse:
+        if count and self.metrics:
+            self.metrics.reject(tenant, exc.reason)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    def _refresh_draining(self) -> None:
+        file_drain = bool(self.adm.drain_file) and os.path.exists(self.adm.drain_file)
+        self.draining = self._manual_drain or file_drain
+
+    async def _status_loop(self) -> None:
+        while True:
+            await self._poll_status()
+            await asyncio.sleep(self.args.router.status_poll_interval_s)
+
+    async def _poll_status(self) -> None:
+        """Replica counts from the controller: LLMReplica RUNNING (readiness, default queue
+        bound) and Router RUNNING (this replica's share of the bounds)."""
+        try:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications.get(self.app_name) if self.app_name else None
+            if app is None:
+                return
+            deps = app.deployments
+            if LLM_DEPLOYMENT in deps:
+                self.ready_replicas = int(deps[LLM_DEPLOYMENT].replica_states.get("RUNNING", 0))
+            if ROUTER_DEPLOYMENT in deps:
+                self.num_routers = max(1, int(deps[ROUTER_DEPLOYMENT].replica_states.get("RUNNING", 0)))
+                share = 1.0 / self.num_routers
+                self.gate.share = share
+                if abs(self.local_limiter.share - share) > 1e-9:
+                    self.local_limiter.set_share(share)
+            self._refresh_draining()
+        except Exception:  # noqa: BLE001 - keep the last known state
+            logger.debug("serve.status() failed", exc_info=True)
+
+    def __del__(self) -> None:
+        try:
+            self._poll_task.cancel()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _sse_line(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
