@@ -10,6 +10,7 @@ import torch
 from mistral_serve.model.tiny import build_tiny_model, ensure_tiny_model
 
 torch.set_num_threads(2)
+pytest_plugins = ["ray_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -47,16 +47,19 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One K and one V tensor per layer, [num_blocks * block_size, kv_heads, head_dim].
 
-        Zero-filled: padded gather slots read real memory, and garbage (NaN) there would leak
+        Left uninitialised so the OS maps pages only as blocks are first written (the block
+        manager hands out recently freed blocks first, so RSS follows peak KV use, not the
+        budget). Padding gathers read slot 0, which is zeroed: garbage (NaN) there would leak
         through a masked softmax into the output.
         """
         cfg = self.config
         shape = (num_blocks * self.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(cfg.num_hidden_layers)
-        ]
+        self.kv_caches = []
+        for _ in range(cfg.num_hidden_layers):
+            k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+            k[: self.block_size].zero_()
+            v[: self.block_size].zero_()
+            self.kv_caches.append((k, v))
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
         """Lay the step out decode-first (one token per sequence), then prefill chunks."""

@@ -69,7 +69,8 @@ def start_local(
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(parsed), name=app_name, route_prefix="/", blocking=False)
-        _wait_ready(f"http://{_client_host(host)}:{port}/ready", ready_timeout_s)
+        want = parsed.replicas.num_replicas if isinstance(parsed.replicas.num_replicas, int) else 1
+        _wait_ready(f"http://{_client_host(host)}:{port}/ready", ready_timeout_s, want)
     except BaseException:
         stop_local()
         raise
@@ -88,13 +89,16 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def _wait_ready(url: str, timeout_s: float) -> None:
+def _wait_ready(url: str, timeout_s: float, replicas: int = 1) -> None:
+    """Until the router answers /ready and sees ``replicas`` LLMReplica replicas running."""
+    import json
+
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
+                if r.status == 200 and json.loads(r.read()).get("replicas", 0) >= replicas:
                     return
         except Exception as exc:  # noqa: BLE001
             last = exc

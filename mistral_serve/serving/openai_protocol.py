@@ -111,6 +111,8 @@ class CompletionRequest(_SamplingFields):
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
         if isinstance(p, str):
+            if not p:
+                raise _bad("The prompt is empty.", "prompt")
             return p
         if not p:
             raise _bad("The prompt is empty.", "prompt")

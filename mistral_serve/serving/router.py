@@ -68,6 +68,18 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
     return JSONResponse(error_body(message, "invalid_request_error", code=str(exc.status_code)), exc.status_code)
 
 
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _sse_line(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
 # ---- shared tenant buckets ----------------------------------------------------------------------
 
 
@@ -602,15 +614,3 @@ class Router:
             self._poll_task.cancel()
         except Exception:  # noqa: BLE001
             pass
-
-
-def _loop_running() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
-
-
-def _sse_line(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

@@ -1,0 +1,1 @@
+"""Benchmarks: our engine against Hugging Face baselines (and optionally vLLM) on one workload."""

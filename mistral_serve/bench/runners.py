@@ -1,0 +1,133 @@
+"""One class per engine under test. Each loads its model once, warms up on a slice of the
+workload, then runs timed passes in which every request arrives at t=0."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from mistral_serve.bench.measure import RunResult
+from mistral_serve.bench.workload import Workload
+
+WARMUP_REQUESTS = 8
+
+
+class OursRunner:
+    name = "mistral-serve"
+    notes = "continuous batching, paged KV, chunked prefill"
+
+    def __init__(self, model_dir: Path, engine_args: dict) -> None:
+        from mistral_serve import LLM
+
+        self.llm = LLM(str(model_dir), **engine_args)
+
+    def run(self, workload: Workload, warmup: bool = False) -> RunResult:
+        from mistral_serve import SamplingParams
+
+        prompts, max_tokens = workload.prompt_token_ids, workload.max_tokens
+        if warmup:
+            prompts, max_tokens = prompts[:WARMUP_REQUESTS], max_tokens[:WARMUP_REQUESTS]
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        start = time.perf_counter()
+        outs = self.llm.generate(prompts, params)
+        wall = time.perf_counter() - start
+        return RunResult(
+            wall_s=wall,
+            output_tokens=sum(len(o.outputs[0].token_ids) for o in outs),
+            prompt_tokens=sum(len(p) for p in prompts),
+            ttft_s=[o.metrics.ttft for o in outs],
+            itl_s=[gap for o in outs for gap in o.metrics.inter_token_latencies],
+        )
+
+
+def _hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+class HFStaticRunner:
+    """transformers ``generate`` on static batches of 16, left padding, EOS ignored; each batch
+    runs to its longest request (min_new_tokens = max_new_tokens), and only each request's own
+    max_tokens are credited."""
+
+    name = "hf-static"
+    notes = "transformers generate, static batches of 16, left padding"
+    batch_size = 16
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model = _hf_model(model_dir)
+
+    def run(self, workload: Workload, warmup: bool = False) -> RunResult:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        n = WARMUP_REQUESTS if warmup else len(workload)
+        prompts, max_tokens = workload.prompt_token_ids[:n], workload.max_tokens[:n]
+        step_times: list[float] = []
+
+        class StepClock(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                step_times.append(time.perf_counter())
+                return scores
+
+        ttft, itl, generated = [], [], 0
+        start = time.perf_counter()
+        for b in range(0, n, self.batch_size):
+            batch, lens = prompts[b : b + self.batch_size], max_tokens[b : b + self.batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            new = max(lens)
+            step_times.clear()
+            with torch.no_grad():
+                self.model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0, logits_processor=LogitsProcessorList([StepClock()]))
+            generated += new * len(batch)
+            for length in lens:
+                ttft.append(step_times[0] - start)
+                itl.extend(b2 - a for a, b2 in zip(step_times[: length - 1], step_times[1:length]))
+        wall = time.perf_counter() - start
+        return RunResult(wall, sum(max_tokens), sum(len(p) for p in prompts), ttft, itl, generated)
+
+
+class HFContinuousRunner:
+    """transformers' own continuous batching (the manager behind ``generate_batch``), with each
+    request's own max_new_tokens and per-token timestamps."""
+
+    name = "hf-cb"
+    notes = "transformers continuous batching (sdpa, 160 blocks, 1024 batch tokens)"
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model = _hf_model(model_dir)
+
+    def run(self, workload: Workload, warmup: bool = False) -> RunResult:
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        n = WARMUP_REQUESTS if warmup else len(workload)
+        prompts, max_tokens = workload.prompt_token_ids[:n], workload.max_tokens[:n]
+        gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(max_tokens), eos_token_id=-1)
+        # Explicit sizes: the defaults size the cache from free RAM and build a ~4 GB dense mask on CPU.
+        cb_config = ContinuousBatchingConfig(num_blocks=160, max_batch_tokens=1024)
+        results = {}
+        start = time.perf_counter()
+        with self.model.continuous_batching_context_manager(
+            generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=5, warmup=False
+        ) as manager:
+            for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+                manager.add_request(p, request_id=str(i), max_new_tokens=m, record_timestamps=True)
+            while len(results) < n:
+                out = manager.get_result(timeout=1)
+                if out is not None and out.is_finished():
+                    results[out.request_id] = out
+                elif out is None and not manager.is_running():
+                    raise RuntimeError("transformers continuous batching stopped before finishing")
+        wall = time.perf_counter() - start
+        outs = [results[str(i)] for i in range(n)]
+        for o, m in zip(outs, max_tokens):
+            if len(o.generated_tokens) != m:
+                raise RuntimeError(f"hf-cb produced {len(o.generated_tokens)} tokens, expected {m}")
+        ttft = [o.timestamps[0] - start for o in outs]
+        itl = [b - a for o in outs for a, b in zip(o.timestamps, o.timestamps[1:])]
+        return RunResult(wall, sum(len(o.generated_tokens) for o in outs), sum(len(p) for p in prompts), ttft, itl)
