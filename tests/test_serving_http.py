@@ -259,7 +259,8 @@ def test_token_limit_reservation_and_refund(live_server):
                       headers={"authorization": f"Bearer {key}"},
                       json={"model": m, "prompt": [1, 2000], "max_tokens": 380, "stream": True, "ignore_eos": True})
     assert a.status_code == 200
-    next(a.iter_lines())
+    a_lines = a.iter_lines()  # keep the iterator: dropping it closes the connection
+    next(a_lines)
     # ... so B does not fit
     r = _post(live_server, "/v1/completions", {"model": m, "prompt": [1, 2000], "max_tokens": 100}, key=key)
     err = _assert_error_body(r, 429, "rate_limit_error")
@@ -319,7 +320,7 @@ def _raw_request(live, body: dict) -> http.client.HTTPConnection:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_disconnect_aborts_and_frees_kv(live_server, stream):
-    body = {"model": live_server.model, "prompt": "Write a very long essay", "max_tokens": 450, "ignore_eos": True,
+    body = {"model": live_server.model, "prompt": "Write a very long essay", "max_tokens": 400, "ignore_eos": True,
             "stream": stream}
     conn = _raw_request(live_server, body)
     if stream:

@@ -4,9 +4,10 @@ A step's tokens are one flat ragged batch: linear layers, RoPE and the KV-cache 
 all T tokens at once with no padding. Attention itself needs each query to see only its own
 sequence's keys, so the step's sequences are split into two groups, each one SDPA call per
 layer: *decode* (one query per sequence; these come first in the flat batch) and *prefill*
-(chunks of several queries). Within a group, keys are gathered from the cache through the
-block tables (``index_select`` over slot ids) and padded to the group's longest key range;
-an additive mask carries causality, the sliding window and the padding. Gather indices and
+(chunks of several queries). Within a group, keys are gathered from the cache whole blocks at
+a time through the block tables (one ``index_select`` of contiguous block rows, many times
+faster than gathering slot by slot) and padded to the group's longest block range; an
+additive mask carries causality, the sliding window and the padding. Gather indices and
 masks are built once per step (``AttentionMetadata``) and reused by every layer.
 
 GQA without copying K/V: the queries of the ``G = heads / kv_heads`` heads that share a KV
@@ -28,7 +29,8 @@ class AttentionGroup:
     The group's queries are the contiguous rows [token_start, token_end) of the flat batch.
     q_gather:   None for decode (one query per sequence, taken as they are); for prefill the
                 [S * Lq] flat rows that lay the queries out as [S, Lq] (padding → any row).
-    kv_slots:   [S * Lk] cache slots of the keys, sequence by sequence (padding → slot 0).
+    kv_blocks:  [S * (Lk / block_size)] cache blocks holding the keys, sequence by sequence
+                (padding → block 0, whose slots are zero and always masked).
     mask:       additive float mask, [S, 1, 1, Lk] (decode) or [S, 1, G * Lq, Lk] (prefill).
     out_select: None for decode; for prefill the [token_end - token_start] positions of the
                 real queries inside the padded [S * Lq] output.
@@ -40,7 +42,7 @@ class AttentionGroup:
     q_len: int
     k_len: int
     q_gather: torch.Tensor | None
-    kv_slots: torch.Tensor
+    kv_blocks: torch.Tensor
     mask: torch.Tensor
     out_select: torch.Tensor | None
 
@@ -49,6 +51,7 @@ class AttentionGroup:
 class AttentionMetadata:
     """Everything attention needs for one step, shared by all layers."""
 
+    block_size: int
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     cos: torch.Tensor  # [T, 1, head_dim] RoPE tables at each token's position
     sin: torch.Tensor
@@ -82,13 +85,16 @@ def build_group(
         k_start = torch.zeros_like(q_start)
     else:
         k_start = (q_start - sliding_window + 1).clamp_min(0)
-    lk = int((ctx_end - k_start).max())
+    first_block = k_start // block_size
+    num_blocks = (ctx_end - 1) // block_size - first_block + 1
+    nb = int(num_blocks.max())
+    lk = nb * block_size
 
-    key_pos = k_start[:, None] + torch.arange(lk, device=device)[None, :]  # [S, Lk]
+    block_ar = torch.arange(nb, device=device)[None, :]
+    column = (first_block[:, None] + block_ar - block_offset[:, None]).clamp(0, block_table.shape[1] - 1)
+    kv_blocks = torch.where(block_ar < num_blocks[:, None], torch.gather(block_table, 1, column), 0).flatten()
+    key_pos = first_block[:, None] * block_size + torch.arange(lk, device=device)[None, :]  # [S, Lk]
     key_valid = key_pos < ctx_end[:, None]
-    logical_block = (key_pos // block_size - block_offset[:, None]).clamp(0, block_table.shape[1] - 1)
-    physical = torch.gather(block_table, 1, logical_block)
-    kv_slots = torch.where(key_valid, physical * block_size + key_pos % block_size, 0).flatten()
 
     q_ar = torch.arange(lq, device=device)[None, :]
     q_valid = q_ar < q_len[:, None]  # [S, Lq]
@@ -99,14 +105,14 @@ def build_group(
     token_end = token_start + int(q_len.sum())
     if lq == 1:  # decode: one [S, 1, 1, Lk] mask broadcasts over the folded heads
         mask = _additive(allowed[:, None], dtype)
-        return AttentionGroup(token_start, token_end, s, 1, lk, None, kv_slots, mask, None)
+        return AttentionGroup(token_start, token_end, s, 1, lk, None, kv_blocks, mask, None)
     # Padding queries attend to key 0 so no row is fully masked (softmax would give NaN).
     allowed |= (~q_valid)[:, :, None] & (torch.arange(lk, device=device) == 0)[None, None, :]
     folded = allowed[:, None, None].expand(s, 1, groups_per_kv, lq, lk).reshape(s, 1, groups_per_kv * lq, lk)
     offsets = torch.cumsum(q_len, 0) - q_len
     q_gather = torch.where(q_valid, token_start + offsets[:, None] + q_ar, token_start).flatten()
     out_select = q_valid.flatten().nonzero().flatten()
-    return AttentionGroup(token_start, token_end, s, lq, lk, q_gather, kv_slots, _additive(folded, dtype), out_select)
+    return AttentionGroup(token_start, token_end, s, lq, lk, q_gather, kv_blocks, _additive(folded, dtype), out_select)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -123,6 +129,8 @@ def paged_attention(
     """Attention of flat queries q [T, H, D] over the paged cache ([slots, KVH, D]) → [T, H, D]."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
+    row = meta.block_size * num_kv_heads * head_dim
+    block_rows = k_cache.view(-1, row), v_cache.view(-1, row)
     g = num_heads // num_kv_heads
     out = torch.empty_like(q)
     for grp in meta.groups:  # at most two: decode and prefill
@@ -132,8 +140,8 @@ def paged_attention(
             rows = q.index_select(0, grp.q_gather)
         # [S, Lq, KVH, G, D] -> [S, KVH, G*Lq, D]: fold the query heads sharing a KV head.
         qg = rows.view(s, lq, num_kv_heads, g, head_dim).permute(0, 2, 3, 1, 4).reshape(s, num_kv_heads, g * lq, head_dim)
-        k = k_cache.index_select(0, grp.kv_slots).view(s, lk, num_kv_heads, head_dim).transpose(1, 2)
-        v = v_cache.index_select(0, grp.kv_slots).view(s, lk, num_kv_heads, head_dim).transpose(1, 2)
+        k = block_rows[0].index_select(0, grp.kv_blocks).view(s, lk, num_kv_heads, head_dim).transpose(1, 2)
+        v = block_rows[1].index_select(0, grp.kv_blocks).view(s, lk, num_kv_heads, head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=grp.mask, scale=scale)
         o = o.view(s, num_kv_heads, g, lq, head_dim).permute(0, 3, 1, 2, 4).reshape(s * lq, num_heads, head_dim)
         out[grp.token_start : grp.token_end] = o if grp.out_select is None else o.index_select(0, grp.out_select)

@@ -104,7 +104,7 @@ class ModelRunner:
         cos, sin = self.model.rope.tables_at(positions)
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.long).to(dev),
-            meta=AttentionMetadata(slot_mapping=slot_mapping.to(dev), cos=cos, sin=sin, groups=groups),
+            meta=AttentionMetadata(self.block_size, slot_mapping.to(dev), cos, sin, groups),
             logits_index=(token_offset + lens - 1)[sample_rows].to(dev),
             sample_seqs=[scheduled[r][0] for r in sample_rows],
         )

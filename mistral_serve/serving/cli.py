@@ -1,0 +1,141 @@
+"""``mistral-serve serve``: a local Ray (dashboard off) running the OpenAI-compatible app.
+
+With no arguments it serves the embedded tiny model (built on first use into the cache
+directory) on 127.0.0.1:8000, prints a curl example, and on Ctrl-C / SIGTERM shuts Serve and
+Ray down before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+CURL = """\
+Serving {model!r} at {url}  (OpenAI API: {url}/v1; metrics: {metrics})
+
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); \\
+print(c.completions.create(model='{model}', prompt='Hello', max_tokens=16).choices[0].text)"
+
+Press Ctrl-C to stop.
+"""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mistral-serve serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded, default), a checkpoint dir or a hub repo id")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1, help="LLMReplica replicas (one engine each)")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (1 for production)")
+    p.add_argument("--num-cpus", type=float, default=None, help="logical CPUs per replica (default 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--gpu-price-usd-per-hour", type=float, default=None)
+    p.add_argument("--api-keys-file", default=None, help="'tenant:key' lines (enables auth)")
+    p.add_argument("--args", default=None,
+                   help="JSON (or @file.json / @file.yaml) with build_app args, merged under the flags above")
+    p.add_argument("--metrics-port", type=int, default=None, help="Ray's Prometheus metrics port (default: free)")
+    p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: max(2, cores))")
+    return p.parse_args(argv)
+
+
+def build_args(a: argparse.Namespace) -> dict:
+    args: dict = {}
+    if a.args:
+        text = a.args
+        if text.startswith("@"):
+            path = Path(text[1:])
+            text = path.read_text()
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                args = yaml.safe_load(text) or {}
+            else:
+                args = json.loads(text)
+        else:
+            args = json.loads(text)
+    args["model"] = a.model if a.model != "tiny" or "model" not in args else args["model"]
+    if a.served_model_name:
+        args["served_model_name"] = a.served_model_name
+    engine = dict(args.get("engine") or {})
+    for flag, key in (("device", "device"), ("dtype", "dtype")):
+        if getattr(a, flag) != "auto":
+            engine[key] = getattr(a, flag)
+    for key in ("max_model_len", "max_num_seqs", "kv_cache_memory_bytes"):
+        if getattr(a, key) is not None:
+            engine[key] = getattr(a, key)
+    args["engine"] = engine
+    replicas = dict(args.get("replicas") or {})
+    replicas["num_replicas"] = a.replicas
+    if a.num_gpus:
+        replicas["num_gpus"] = a.num_gpus
+    if a.num_cpus is not None:
+        replicas["num_cpus"] = a.num_cpus
+    args["replicas"] = replicas
+    if a.gpu_price_usd_per_hour is not None:
+        args.setdefault("cost", {})["gpu_price_usd_per_hour"] = a.gpu_price_usd_per_hour
+    if a.api_keys_file:
+        args.setdefault("admission", {})["api_keys_file"] = a.api_keys_file
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_args(a)
+    from mistral_serve.serving.config import AppArgs
+
+    parsed = AppArgs.model_validate(args)  # fail fast on a bad flag, before Ray starts
+    if parsed.model == "tiny":
+        from mistral_serve.model.tiny import ensure_tiny_model
+
+        print(f"embedded tiny model: {ensure_tiny_model()}", flush=True)
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    from mistral_serve.serving.local import start_local, stop_local
+
+    server = None
+    try:
+        ray_cpus = a.ray_cpus or max(2, os.cpu_count() or 2)
+        server = start_local(parsed.model_dump(mode="json"), host=a.host, port=a.port, num_cpus=ray_cpus,
+                             metrics_port=a.metrics_port)
+        if stop.is_set():
+            return 0
+        auth = parsed.admission.api_keys_file or parsed.admission.tenants
+        print(CURL.format(model=server.model, url=server.base_url, metrics=server.metrics_url,
+                          auth=" -H 'Authorization: Bearer YOUR_KEY'" if auth else "",
+                          key="YOUR_KEY" if auth else "none"), flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("\nstopping...", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - a clear message, not a traceback, for a CLI user
+        print(f"mistral-serve serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        try:
+            stop_local()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if server is not None:
+            print("stopped.", flush=True)
