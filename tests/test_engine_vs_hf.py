@@ -154,3 +154,18 @@ def test_reduced_precision_runs_close_to_float32(tiny_model_dir, dtype):
     assert len(out.outputs[0].token_ids) == 3
     assert out.outputs[0].token_ids[0] in ref.topk(3).indices.tolist()
     assert_pool_free(llm)
+
+
+def test_garbage_in_unused_cache_memory_never_leaks(tiny_model_dir):
+    """The pool is allocated uninitialised; fill every not-yet-used block with NaN (the worst
+    garbage) and check outputs still match HF, across preemptions and block reuse."""
+    prompts = random_prompts(6, 5, 50, seed=9)
+    block_bytes = ModelConfig.from_dir(tiny_model_dir).kv_bytes_per_token(4) * 8
+    llm = LLM(str(tiny_model_dir), block_size=8, kv_cache_memory_bytes=14 * block_bytes)
+    for k, v in llm.engine.runner.kv_caches:
+        k[8:].fill_(float("nan"))
+        v[8:].fill_(float("nan"))
+    outs = llm.generate(prompts, greedy(30))
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(tiny_model_dir, p, 30)
+    assert_pool_free(llm)

@@ -26,6 +26,9 @@ class BlockManager:
         # A stack: the most recently freed block is reused first, which keeps the touched part of
         # the pool (and so the process RSS on CPU) as small as the peak number of blocks in use.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        # Blocks [0, num_touched) have been handed out at least once; with the stack above they
+        # always form a prefix, which lets the KV cache be initialised lazily, block by block.
+        self.num_touched = 0
         self._owner: dict[int, str] = {}
 
     @property
@@ -70,6 +73,7 @@ class BlockManager:
             raise RuntimeError(f"allocate() without can_allocate(): {seq.request_id} needs {need}")
         for _ in range(need):
             block = self._free.pop()
+            self.num_touched = max(self.num_touched, block + 1)
             self._owner[block] = seq.request_id
             seq.block_table.append(block)
 

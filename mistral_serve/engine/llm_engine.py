@@ -134,6 +134,7 @@ class LLMEngine:
         if not plan.scheduled:
             self._refresh_gauges()
             return []
+        self.runner.zero_new_blocks(self.block_manager.num_touched)
         inputs = self.runner.prepare(plan.scheduled)
         logits = self.runner.execute(inputs)
         sampling_seqs = inputs.sample_seqs

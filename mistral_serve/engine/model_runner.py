@@ -47,19 +47,29 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One K and one V tensor per layer, [num_blocks * block_size, kv_heads, head_dim].
 
-        Left uninitialised so the OS maps pages only as blocks are first written (the block
-        manager hands out recently freed blocks first, so RSS follows peak KV use, not the
-        budget). Padding gathers read slot 0, which is zeroed: garbage (NaN) there would leak
-        through a masked softmax into the output.
+        Left uninitialised so the OS maps pages only as blocks are first used: the block manager
+        hands out recently freed blocks first, so RSS follows peak KV use, not the budget.
+        ``zero_new_blocks`` zeroes each block before its first use, because attention reads
+        whole blocks and garbage (NaN) in masked slots would leak through the softmax.
         """
         cfg = self.config
         shape = (num_blocks * self.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = []
-        for _ in range(cfg.num_hidden_layers):
-            k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
-            k[: self.block_size].zero_()
-            v[: self.block_size].zero_()
-            self.kv_caches.append((k, v))
+        self.kv_caches = [
+            (torch.empty(shape, dtype=self.dtype, device=self.device),
+             torch.empty(shape, dtype=self.dtype, device=self.device))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        self._zeroed_blocks = 0
+        self.zero_new_blocks(1)  # block 0 is also the target of padding gathers
+
+    def zero_new_blocks(self, num_touched: int) -> None:
+        """Zero blocks [previously zeroed, num_touched) before they are first read."""
+        if num_touched > self._zeroed_blocks:
+            lo, hi = self._zeroed_blocks * self.block_size, num_touched * self.block_size
+            for k, v in self.kv_caches:
+                k[lo:hi].zero_()
+                v[lo:hi].zero_()
+            self._zeroed_blocks = num_touched
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
         """Lay the step out decode-first (one token per sequence), then prefill chunks."""
