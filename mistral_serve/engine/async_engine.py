@@ -57,7 +57,7 @@ class AsyncLLM:
         """Stream delta outputs of one request; raises RequestError for an invalid request."""
         self._raise_if_dead()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.engine._check_prompt(ids, params)  # fail fast in the caller, before queueing
+        self.engine.validate_request(ids, params)  # fail fast in the caller, before queueing
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         loop = asyncio.get_running_loop()

@@ -84,7 +84,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(ids, params)
+        self.validate_request(ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output,
                                        params.skip_special_tokens)
         seq = Sequence(request_id, ids, params, self.eos_token_ids, detok, priority, next(self._arrivals))
@@ -94,7 +94,11 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+    def validate_request(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError (client-facing message) if the request can never be served.
+
+        Reads only immutable engine facts, so the async engine calls it from the event loop.
+        """
         if not ids:
             raise RequestError("the prompt is empty")
         vocab = self.config.vocab_size
