@@ -130,4 +130,5 @@ def load_model(
     model.rope.build_tables(device)
     with torch.no_grad():
         load_weights(model, model_dir)
+        model.transpose_lm_head()
     return model.eval().requires_grad_(False)

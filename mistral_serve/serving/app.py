@@ -17,6 +17,8 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
     actor = {"num_cpus": r.num_cpus}
     if r.num_gpus:
         actor["num_gpus"] = r.num_gpus
+    if r.runtime_env:
+        actor["runtime_env"] = r.runtime_env
     llm: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": args.replica_max_ongoing(),
@@ -25,7 +27,9 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
         "health_check_timeout_s": r.health_check_timeout_s,
         "graceful_shutdown_timeout_s": r.graceful_shutdown_timeout_s,
     }
-    if r.autoscaling_config:
+    if r.autoscaling is not None:
+        llm["autoscaling_config"] = r.autoscaling.ray_config(args.max_num_seqs)
+    elif r.autoscaling_config:
         llm["autoscaling_config"] = r.autoscaling_config
     else:
         llm["num_replicas"] = r.num_replicas

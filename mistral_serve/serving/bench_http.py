@@ -6,10 +6,12 @@ Both sides run the same engine configuration on the same model with the same req
 prompt token ids from the workload, greedy, ``ignore_eos`` (an extra body field over HTTP),
 ``max_tokens`` per request from the file, so every run produces exactly the same tokens.
 
-Order, so both see the same machine state: offline runs → start a local Ray + the app (one
-LLMReplica) → HTTP runs (all requests at once, non-streaming, like the vLLM online client in
-/work/shared/bench/vllm-cpu) → stop Ray → offline runs again. The offline baseline is the
-mean of the two offline medians. Prints one JSON line ``RESULT {...}``.
+Order, so both see the same machine state (other processes share these 2 cores): offline runs
+with Ray down → start a local Ray + the app (one LLMReplica) → HTTP warm-up → N pairs of
+(offline run with Ray idle, HTTP run: all requests at once, non-streaming, like the vLLM online
+client in /work/shared/bench/vllm-cpu) → stop Ray → offline runs with Ray down again. Reports
+the median of the paired ratios and the HTTP median over the Ray-down offline baseline.
+Prints one JSON line ``RESULT {...}``.
 """
 
 from __future__ import annotations
@@ -30,24 +32,24 @@ def engine_config(a: argparse.Namespace) -> dict:
             "num_threads": a.threads}
 
 
-def offline_runs(model_dir: str, w: dict, engine: dict, runs: int) -> list[float]:
-    from mistral_serve import LLM, SamplingParams
+class Offline:
+    def __init__(self, model_dir: str, w: dict, engine: dict) -> None:
+        from mistral_serve import LLM, SamplingParams
 
-    llm = LLM(model_dir, **engine)
-    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in w["max_tokens"]]
-    llm.generate(w["prompt_token_ids"][:4], params[:4])  # warm-up
-    out = []
-    for _ in range(runs):
+        self.w = w
+        self.llm = LLM(model_dir, **engine)
+        self.params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in w["max_tokens"]]
+        self.llm.generate(w["prompt_token_ids"][:4], self.params[:4])  # warm-up
+
+    def run(self, label: str) -> float:
         t = time.perf_counter()
-        res = llm.generate(w["prompt_token_ids"], params)
+        res = self.llm.generate(self.w["prompt_token_ids"], self.params)
         wall = time.perf_counter() - t
         n = sum(len(r.outputs[0].token_ids) for r in res)
-        assert n == sum(w["max_tokens"]), n
-        out.append(n / wall)
-        print("OFFLINE", json.dumps({"out_tok": n, "wall_s": round(wall, 3), "out_tok_per_s": round(n / wall, 1)}),
+        assert n == sum(self.w["max_tokens"]), n
+        print(label, json.dumps({"out_tok": n, "wall_s": round(wall, 3), "out_tok_per_s": round(n / wall, 1)}),
               flush=True)
-    del llm
-    return out
+        return n / wall
 
 
 async def _http_once(url: str, model: str, w: dict) -> tuple[int, float]:
@@ -67,28 +69,12 @@ async def _http_once(url: str, model: str, w: dict) -> tuple[int, float]:
         return sum(res), time.perf_counter() - t
 
 
-def http_runs(w: dict, engine: dict, runs: int, warmup: int, ray_cpus: int) -> list[float]:
-    from mistral_serve.serving.local import free_port, start_local, stop_local
-
-    args = {"model": "tiny", "engine": engine,
-            "replicas": {"num_replicas": 1, "num_cpus": 1},
-            "router": {"num_cpus": 0.25},
-            "admission": {"api_keys_env": None, "max_waiting_requests": 1024, "queue_timeout_s": 600}}
-    server = start_local(args, port=free_port(), num_cpus=ray_cpus)
-    out = []
-    try:
-        url = server.base_url + "/v1/completions"
-        for i in range(warmup + runs):
-            n, wall = asyncio.run(_http_once(url, server.model, w))
-            assert n == sum(w["max_tokens"]), n
-            timed = i >= warmup
-            print("HTTP", json.dumps({"out_tok": n, "wall_s": round(wall, 3), "out_tok_per_s": round(n / wall, 1),
-                                      "timed": timed}), flush=True)
-            if timed:
-                out.append(n / wall)
-    finally:
-        stop_local()
-    return out
+def http_run(url: str, model: str, w: dict, label: str) -> float:
+    n, wall = asyncio.run(_http_once(url, model, w))
+    assert n == sum(w["max_tokens"]), n
+    print(label, json.dumps({"out_tok": n, "wall_s": round(wall, 3), "out_tok_per_s": round(n / wall, 1)}),
+          flush=True)
+    return n / wall
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,24 +87,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-mib", type=int, default=256)
     p.add_argument("--ray-cpus", type=int, default=2)
-    p.add_argument("--skip-second-offline", action="store_true")
     a = p.parse_args(argv)
     w = json.loads(Path(a.workload).read_text())
     from mistral_serve.model.tiny import ensure_tiny_model
+    from mistral_serve.serving.local import free_port, start_local, stop_local
 
     model_dir = str(ensure_tiny_model())
     engine = engine_config(a)
-    off1 = offline_runs(model_dir, w, engine, a.runs)
-    http = http_runs(w, engine, a.runs, a.warmup, a.ray_cpus)
-    off2 = [] if a.skip_second_offline else offline_runs(model_dir, w, engine, a.runs)
-    offline = statistics.mean([statistics.median(off1)] + ([statistics.median(off2)] if off2 else []))
+    offline = Offline(model_dir, w, engine)
+    before = [offline.run("OFFLINE(ray down)") for _ in range(a.runs)]
+    args = {"model": "tiny", "engine": engine, "replicas": {"num_replicas": 1, "num_cpus": 1},
+            "router": {"num_cpus": 0.25},
+            "admission": {"api_keys_env": None, "max_waiting_requests": 1024, "queue_timeout_s": 600}}
+    server = start_local(args, port=free_port(), num_cpus=a.ray_cpus)
+    pairs = []
+    try:
+        url = server.base_url + "/v1/completions"
+        for _ in range(a.warmup):
+            http_run(url, server.model, w, "HTTP(warm-up)")
+        for _ in range(a.runs):  # interleaved, so drift in machine load hits both sides alike
+            off = offline.run("OFFLINE(ray idle)")
+            pairs.append((off, http_run(url, server.model, w, "HTTP")))
+    finally:
+        stop_local()
+    after = [offline.run("OFFLINE(ray down)") for _ in range(a.runs)]
+    med = statistics.median
+    http = [h for _, h in pairs]
+    down = statistics.mean([med(before), med(after)])
     result = {
         "workload": a.workload, "requests": len(w["max_tokens"]), "output_tokens": sum(w["max_tokens"]),
         "engine": engine,
-        "offline_median_tok_per_s": [round(statistics.median(off1), 1)] + (
-            [round(statistics.median(off2), 1)] if off2 else []),
-        "http_median_tok_per_s": round(statistics.median(http), 1),
-        "http_over_offline": round(statistics.median(http) / offline, 3),
+        "offline_ray_down_median_tok_per_s": [round(med(before), 1), round(med(after), 1)],
+        "offline_ray_idle_tok_per_s": [round(o, 1) for o, _ in pairs],
+        "http_tok_per_s": [round(h, 1) for h in http],
+        "http_over_offline_paired_median": round(med([h / o for o, h in pairs]), 3),
+        "http_median_over_offline_ray_down": round(med(http) / down, 3),
     }
     print("RESULT", json.dumps(result), flush=True)
     return 0

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mistral_serve.engine.args import EngineArgs
+from mistral_serve.serving.autoscaling import QueueDepthAutoscaling
 
 TINY_SENTINEL = "tiny"
 _ENGINE_FIELDS = set(EngineArgs.model_fields) - {"model"}
@@ -74,9 +75,13 @@ class ReplicaConfig(_Strict):
     """The LLMReplica deployment."""
 
     num_replicas: int | Literal["auto"] = 1
-    autoscaling_config: dict[str, Any] | None = None
+    autoscaling: QueueDepthAutoscaling | None = Field(
+        None, description="autoscale on the engines' queue depth (serving/autoscaling.py); replaces num_replicas")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="raw Ray autoscaling_config (Ray's own policy unless it names one); not with `autoscaling`")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of the replicas (env_vars, ...)")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="default: max_num_seqs + max(2, max_num_seqs // 4), the engine's batch plus headroom")
     max_queued_requests: int | None = Field(
@@ -89,6 +94,12 @@ class ReplicaConfig(_Strict):
     routing_stats_period_s: float = Field(1.0, gt=0)
     metrics_interval_s: float = Field(1.0, gt=0)
     graceful_shutdown_timeout_s: float = 60.0
+
+    @model_validator(mode="after")
+    def _one_autoscaling(self) -> ReplicaConfig:
+        if self.autoscaling is not None and self.autoscaling_config:
+            raise ValueError("replicas: set `autoscaling` (queue depth) or `autoscaling_config` (raw Ray), not both")
+        return self
 
 
 class RouterConfig(_Strict):

@@ -18,7 +18,9 @@ engine stream, which aborts the request in the engine and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -108,6 +110,8 @@ class LLMReplica:
         except Exception:  # noqa: BLE001 - metrics must never keep a replica from serving
             logger.exception("LLMReplica: metrics disabled")
         self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_loop())
+        if os.environ.get("MS_EXPERIMENT_RENICE"):
+            _renice_other_threads(self.engine._thread.native_id, int(os.environ["MS_EXPERIMENT_RENICE"]))
         logger.info("LLMReplica ready: model=%s dir=%s max_model_len=%d max_num_seqs=%d kv_blocks=%d (%.1fs)",
                     self.model_name, self.model_dir, self.max_model_len, self.engine.engine.args.max_num_seqs,
                     self.engine.engine.block_manager.num_blocks, time.monotonic() - t0)
@@ -126,26 +130,62 @@ class LLMReplica:
             return
         stream = bool(req.get("stream"))
         acc = _Accumulator(params.logprobs, self.tokenizer)
+        outputs = self.engine.generate(req["prompt_token_ids"], params, rid, req.get("priority", 0))
+        if stream and self.interval_s > 0:
+            messages = self._coalesced(outputs, acc)
+        else:
+            messages = self._first_and_final(outputs, acc, stream)
+        self._ongoing += 1
+        try:
+            async for msg in messages:
+                yield msg
+        except RequestError as exc:
+            yield {"error": {"status": 400, "message": str(exc), "reason": _request_error_reason(str(exc))}}
+        except EngineDeadError as exc:
+            yield {"error": {"status": 503, "message": f"The model replica failed: {exc}", "reason": "no_replica"}}
+        finally:
+            self._ongoing -= 1
+            # No-ops when finished; on a disconnect or deadline (Serve cancels this call, or closes
+            # it at a yield) they abort the engine request, which frees its KV blocks at once.
+            await messages.aclose()
+            await outputs.aclose()
+            if not acc.finished and self.metrics is not None:
+                self.metrics.finished("abort", None)
+
+    async def _first_and_final(self, outputs, acc: _Accumulator, every: bool):
+        """Non-streaming (or interval 0): the first message, then the final one (or every delta)."""
+        first = True
+        async for out in outputs:
+            acc.add(out)
+            if acc.finished:
+                yield self._final(acc)
+                return
+            if first or every:
+                first = False
+                yield acc.take()
+
+    async def _coalesced(self, outputs, acc: _Accumulator):
+        """Streaming: the first token at once, then at most one message per interval. A pump
+        task owns the engine stream so that waiting out the interval never cancels it."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         async def pump() -> None:
             try:
-                async for out in self.engine.generate(req["prompt_token_ids"], params, rid, req.get("priority", 0)):
+                async for out in outputs:
                     queue.put_nowait(out)
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - delivered to the consumer below
                 queue.put_nowait(exc)
 
-        self._ongoing += 1
         task = loop.create_task(pump())
         first, last_sent = True, 0.0
         try:
             while True:
                 acc.add(await queue.get())
                 _drain(queue, acc)
-                if not acc.finished and not first and stream and self.interval_s > 0:
+                if not acc.finished and not first:
                     wait = last_sent + self.interval_s - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
@@ -153,20 +193,14 @@ class LLMReplica:
                 if acc.finished:
                     yield self._final(acc)
                     return
-                if first or stream:
-                    first = False
-                    last_sent = loop.time()
-                    yield acc.take()
-        except RequestError as exc:
-            yield {"error": {"status": 400, "message": str(exc), "reason": _request_error_reason(str(exc))}}
-        except EngineDeadError as exc:
-            yield {"error": {"status": 503, "message": f"The model replica failed: {exc}", "reason": "no_replica"}}
+                first = False
+                last_sent = loop.time()
+                yield acc.take()
         finally:
-            self._ongoing -= 1
             if not task.done():
                 task.cancel()  # aborts the engine request and frees its KV blocks
-            if not acc.finished and self.metrics is not None:
-                self.metrics.finished("abort", None)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _final(self, acc: _Accumulator) -> dict:
         msg = acc.take()
@@ -219,7 +253,8 @@ class LLMReplica:
 
     async def stats(self) -> dict:
         s = self.engine.stats()
-        s.pop("step_time_p50", None)
+        times = sorted(self.engine.engine.stats.step_times)
+        s["step_time_p90"] = times[int(len(times) * 0.9)] if times else None
         s.update(ongoing=self._ongoing, replica_id=_replica_id(), model=self.model_name,
                  max_model_len=self.max_model_len)
         return s
@@ -264,6 +299,15 @@ class LLMReplica:
 def _drain(queue: asyncio.Queue, acc: _Accumulator) -> None:
     while not queue.empty() and not acc.finished:
         acc.add(queue.get_nowait())
+
+
+def _renice_other_threads(keep_tid: int, nice: int) -> None:
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != keep_tid:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            except OSError:
+                pass
 
 
 def _request_error_reason(message: str) -> str:
