@@ -36,7 +36,10 @@ def live_server_args() -> dict:
             "kv_cache_memory_bytes": 64 << 20,
             "num_threads": 1,
         },
+        # Autoscaled as in production (queue-depth policy, serving/autoscaling.py), pinned at
+        # NUM_REPLICAS so tests see a fixed count; Ray then also exports its autoscaling gauges.
         "replicas": {"num_replicas": NUM_REPLICAS, "num_cpus": 0.5, "stall_timeout_s": 60,
+                     "autoscaling": {"min_replicas": NUM_REPLICAS, "max_replicas": NUM_REPLICAS},
                      "health_check_period_s": 2, "routing_stats_period_s": 1},
         "router": {"num_replicas": 1, "num_cpus": 0.25, "status_poll_interval_s": 1},
         "admission": {
@@ -58,6 +61,58 @@ def live_server_args() -> dict:
         },
         "cost": {"gpu_price_usd_per_hour": 2.49, "reference_price_usd_per_1m_output_tokens": 0.25},
     }
+
+
+FAULT_APP = "faults"
+
+
+def fault_server_args() -> dict:
+    """A second app for destructive tests (tests/test_reliability.py, test_security.py): small
+    batches so requests queue, fast health checks, a short stall timeout, the test hooks
+    (LLMReplica.inject_fault / recent_prompts) and the opt-in redacted prompt log."""
+    return {
+        "model": "tiny",
+        "engine": {"device": "cpu", "dtype": "float32", "max_num_seqs": 2, "max_model_len": MAX_MODEL_LEN,
+                   "kv_cache_memory_bytes": 32 << 20, "num_threads": 1},
+        "replicas": {"num_replicas": 2, "num_cpus": 0.1, "stall_timeout_s": 3, "health_check_period_s": 1,
+                     "health_check_timeout_s": 5, "graceful_shutdown_timeout_s": 30, "routing_stats_period_s": 0.5,
+                     "test_hooks": True},
+        "router": {"num_replicas": 1, "num_cpus": 0.05, "status_poll_interval_s": 0.5},
+        "admission": {"api_keys_env": None, "max_waiting_requests": 64, "queue_timeout_s": 60,
+                      "request_timeout_s": 120, "log_prompts": True},
+    }
+
+
+def deploy_app(live, name: str, args: dict, ready_replicas: int, timeout_s: float = 300.0):
+    """Deploy ``build_app(args)`` as another application (route prefix ``/<name>``) on the
+    session cluster of ``live`` and wait until its router sees ``ready_replicas`` replicas."""
+    from ray import serve
+
+    from mistral_serve.serving import build_app
+    from mistral_serve.serving.config import AppArgs
+    from mistral_serve.serving.local import LocalServer, _wait_ready
+
+    parsed = AppArgs.model_validate(args)
+    serve.run(build_app(parsed), name=name, route_prefix=f"/{name}", blocking=False)
+    base_url = f"{live.base_url}/{name}"
+    _wait_ready(base_url + "/ready", timeout_s, ready_replicas)
+    return LocalServer(base_url=base_url, model=parsed.model_name, metrics_url=live.metrics_url, host=live.host,
+                       port=live.port, app_name=name, args=parsed.model_dump(mode="json"))
+
+
+@pytest.fixture(scope="session")
+def fault_server(live_server):
+    """The ``faults`` app (fault_server_args) beside ``live_server`` on the same cluster."""
+    from ray import serve
+
+    server = deploy_app(live_server, FAULT_APP, fault_server_args(), ready_replicas=2)
+    try:
+        yield server
+    finally:
+        try:
+            serve.delete(FAULT_APP)
+        except Exception:  # noqa: BLE001 - the cluster may already be going away
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,14 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
+def assert_matches_hf(llm: LLM, model_dir, prompts: list[list[int]], max_tokens: int) -> None:
+    """Run all prompts together (continuous batching) and compare each with HF alone."""
+    outs = llm.generate(prompts, greedy(max_tokens))
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert o.outputs[0].token_ids == hf_greedy(model_dir, p, max_tokens), f"request {i}"
+    assert_pool_free(llm)
+
+
 def assert_pool_free(llm: LLM) -> None:
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks, "KV blocks leaked"
@@ -78,11 +86,7 @@ def test_many_requests_arriving_at_different_steps(tiny_model_dir):
 def test_longer_than_sliding_window(tiny_window32_dir):
     """Window 32: prompts and generations well past it; blocks slide out of the window."""
     prompts = random_prompts(6, 20, 90, seed=3)
-    llm = LLM(str(tiny_window32_dir), block_size=8)
-    outs = llm.generate(prompts, greedy(70))
-    for p, o in zip(prompts, outs):
-        assert o.outputs[0].token_ids == hf_greedy(tiny_window32_dir, p, 70)
-    assert_pool_free(llm)
+    assert_matches_hf(LLM(str(tiny_window32_dir), block_size=8), tiny_window32_dir, prompts, 70)
 
 
 def test_window_changes_the_output(tiny_window32_dir, tmp_path):
@@ -104,11 +108,8 @@ def test_window_changes_the_output(tiny_window32_dir, tmp_path):
 def test_chunked_prefill_forced(tiny_window32_dir):
     prompts = random_prompts(5, 60, 150, seed=5)
     llm = LLM(str(tiny_window32_dir), max_num_batched_tokens=24, block_size=8)
-    outs = llm.generate(prompts, greedy(25))
-    for p, o in zip(prompts, outs):
-        assert o.outputs[0].token_ids == hf_greedy(tiny_window32_dir, p, 25)
+    assert_matches_hf(llm, tiny_window32_dir, prompts, 25)
     assert llm.engine.stats.num_steps > sum(len(p) for p in prompts) // 24
-    assert_pool_free(llm)
 
 
 def test_preemption_forced(tiny_model_dir):
@@ -116,22 +117,15 @@ def test_preemption_forced(tiny_model_dir):
     prompts = random_prompts(8, 10, 40, seed=6)
     block_bytes = ModelConfig.from_dir(tiny_model_dir).kv_bytes_per_token(4) * 8
     llm = LLM(str(tiny_model_dir), block_size=8, kv_cache_memory_bytes=12 * block_bytes)
-    outs = llm.generate(prompts, greedy(40))
+    assert_matches_hf(llm, tiny_model_dir, prompts, 40)
     assert llm.engine.stats.num_preemptions > 0
-    for p, o in zip(prompts, outs):
-        assert o.outputs[0].token_ids == hf_greedy(tiny_model_dir, p, 40)
-    assert_pool_free(llm)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama31_dir", "tiny_llama2_dir"])
 def test_llama_family(fixture, request):
     model_dir = request.getfixturevalue(fixture)
     prompts = random_prompts(4, 5, 60, seed=7)
-    llm = LLM(str(model_dir), max_num_batched_tokens=64)
-    outs = llm.generate(prompts, greedy(30))
-    for p, o in zip(prompts, outs):
-        assert o.outputs[0].token_ids == hf_greedy(model_dir, p, 30)
-    assert_pool_free(llm)
+    assert_matches_hf(LLM(str(model_dir), max_num_batched_tokens=64), model_dir, prompts, 30)
 
 
 def test_llama2_has_no_gqa_and_llama31_scales_rope(tiny_llama2_dir, tiny_llama31_dir):
@@ -165,7 +159,4 @@ def test_garbage_in_unused_cache_memory_never_leaks(tiny_model_dir):
     for k, v in llm.engine.runner.kv_caches:
         k[8:].fill_(float("nan"))
         v[8:].fill_(float("nan"))
-    outs = llm.generate(prompts, greedy(30))
-    for p, o in zip(prompts, outs):
-        assert o.outputs[0].token_ids == hf_greedy(tiny_model_dir, p, 30)
-    assert_pool_free(llm)
+    assert_matches_hf(llm, tiny_model_dir, prompts, 30)

@@ -12,7 +12,11 @@ them all; a check skips, naming the tool, only when it is missing):
   file, GPU/CPU shape per overlay, non-root security context, probes, grace
   period, ports, NetworkPolicy, PDB and PodMonitor selectors, dashboards ConfigMap.
 - k8s/base/serve-config.yaml applications = repo-root serve_config.yaml
-  applications (skips only while serve_config.yaml does not exist).
+  applications (skips only while serve_config.yaml does not exist); the
+  gpu-production overlay's own serve-config.yaml differs from it only in
+  GPU_MAY_DIFFER; every config validates against the app's typed args and the
+  deployment options (replica bounds, CPUs/GPUs per replica, shutdown) are
+  what the application builder really produces from it.
 """
 from __future__ import annotations
 
@@ -37,22 +41,19 @@ OVERLAYS = ["gpu-production", "cpu-tiny"]
 K8S_VERSION = "1.32.0"
 SERVE_PORT = 8000
 RAY_ONLY_PORTS = {6379, 8265, 10001, 8080, 52365}
-TINY_MAY_DIFFER = {
-    # dotted paths (list items by their `name`) that overlays/cpu-tiny/serve-config.yaml
-    # may set differently from base/serve-config.yaml: model, engine size, placement.
-    "applications.mistral.args.model",
-    "applications.mistral.args.dtype",
-    "applications.mistral.args.device",
-    "applications.mistral.args.max_num_seqs",
-    "applications.mistral.args.max_model_len",
-    "applications.mistral.deployments.Router.num_replicas",
-    "applications.mistral.deployments.Router.ray_actor_options.num_cpus",
-    "applications.mistral.deployments.LLMReplica.max_ongoing_requests",
-    "applications.mistral.deployments.LLMReplica.autoscaling_config.max_replicas",
-    "applications.mistral.deployments.LLMReplica.autoscaling_config.target_ongoing_requests",
-    "applications.mistral.deployments.LLMReplica.autoscaling_config.downscale_delay_s",
-    "applications.mistral.deployments.LLMReplica.ray_actor_options.num_cpus",
-    "applications.mistral.deployments.LLMReplica.ray_actor_options.num_gpus",
+_ARGS = "applications.mistral.args."
+GPU_MAY_DIFFER = {
+    # dotted paths (list items by their `name`) that overlays/gpu-production/serve-config.yaml
+    # may set differently from base/serve-config.yaml (= the repo-root serve_config.yaml):
+    # model, engine size, prices, placement, autoscaling bounds and delays, health checks,
+    # and the production admission limits.
+    *(_ARGS + k for k in (
+        "model", "dtype", "device", "max_num_seqs", "max_model_len", "kv_cache_memory_bytes",
+        "gpu_price_usd_per_hour", "reference_price_usd_per_1m_output_tokens",
+        "replicas.num_cpus", "replicas.num_gpus", "replicas.health_check_period_s",
+        "replicas.health_check_timeout_s", "replicas.autoscaling.max_replicas",
+        "replicas.autoscaling.downscale_delay_s", "router.num_replicas", "router.num_cpus",
+        "admission.soft_max_context_tokens")),
 }
 
 
@@ -121,9 +122,24 @@ def serve_config_file(overlay: str) -> Path:
     return own if own.exists() else K8S / "base" / "serve-config.yaml"
 
 
-def deployment_cfg(serve_cfg: dict, name: str) -> dict:
+def effective_deployments(serve_cfg: dict) -> dict[str, dict]:
+    """The options Serve deploys each deployment with: what the application builder
+    (mistral_serve.serving.app.deployment_options) makes of `args`, overridden by the
+    config's `deployments:` entries as Serve does."""
+    from mistral_serve.serving.app import deployment_options
+    from mistral_serve.serving.config import AppArgs
+
     (app,) = serve_cfg["applications"]
-    return next(d for d in app["deployments"] if d["name"] == name)
+    llm, router = deployment_options(AppArgs.model_validate(app.get("args") or {}))
+    out = {"LLMReplica": dict(llm), "Router": dict(router)}
+    for override in app.get("deployments") or []:
+        merged = out.setdefault(override["name"], {})
+        merged.update({k: v for k, v in override.items() if k != "name"})
+    return out
+
+
+def deployment_cfg(serve_cfg: dict, name: str) -> dict:
+    return effective_deployments(serve_cfg)[name]
 
 
 # --------------------------------------------------------------------------- yamllint
@@ -317,7 +333,12 @@ def test_serve_config_is_inlined_into_rayservice(overlay):
     (app,) = inlined["applications"]
     assert app["name"] == "mistral" and app["route_prefix"] == "/"
     assert app["import_path"] == "mistral_serve.serving:build_app"
-    assert {d["name"] for d in app["deployments"]} == {"Router", "LLMReplica"}
+    # No `deployments:` overrides: the builder's typed args are the one source (an
+    # autoscaling_config override there would also drop the queue-depth policy).
+    assert "deployments" not in app
+    llm = deployment_cfg(inlined, "LLMReplica")
+    assert llm["autoscaling_config"]["policy"]["policy_function"] == "mistral_serve.serving.autoscaling:QueueDepthPolicy"
+    assert "num_replicas" not in llm
     assert inlined["http_options"]["port"] == SERVE_PORT
 
 
@@ -331,7 +352,7 @@ def test_serve_config_matches_repo_root():
     theirs = yaml.safe_load(root.read_text())["applications"]
     assert ours == theirs, (
         "k8s/base/serve-config.yaml `applications` drifted from serve_config.yaml:\n"
-        + "\n".join(sorted(set(_flatten(ours).items()) ^ set(_flatten(theirs).items()), key=str))
+        + "\n".join(map(str, sorted(set(_flatten(ours).items()) ^ set(_flatten(theirs).items()))))
     )
 
 
@@ -350,11 +371,12 @@ def _flatten(node, prefix=""):
     return out
 
 
-def test_cpu_tiny_serve_config_differs_only_in_model_and_size():
+def test_gpu_production_serve_config_differs_only_in_model_and_size():
     base = _flatten(yaml.safe_load((K8S / "base" / "serve-config.yaml").read_text()))
-    tiny = _flatten(yaml.safe_load((K8S / "overlays" / "cpu-tiny" / "serve-config.yaml").read_text()))
-    changed = {k for k in base.keys() | tiny.keys() if base.get(k) != tiny.get(k)}
-    assert changed <= TINY_MAY_DIFFER, sorted(changed - TINY_MAY_DIFFER)
+    gpu = _flatten(yaml.safe_load((K8S / "overlays" / "gpu-production" / "serve-config.yaml").read_text()))
+    changed = {k for k in base.keys() | gpu.keys() if base.get(k) != gpu.get(k)}
+    assert changed <= GPU_MAY_DIFFER, sorted(changed - GPU_MAY_DIFFER)
+    assert not (K8S / "overlays" / "cpu-tiny" / "serve-config.yaml").exists()  # cpu-tiny = base
 
 
 # --------------------------------------------------------------------------- RayService shape
@@ -402,9 +424,9 @@ def test_rayservice_autoscaling_and_groups(overlay):
 def test_pods_secure_and_resourced(overlay):
     rs = rayservice(overlay)
     serve_cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
-    longest_shutdown = max(
+    longest_shutdown = max(  # Serve's defaults: 20 s timeout, 2 s wait loop
         d.get("graceful_shutdown_timeout_s", 20) + d.get("graceful_shutdown_wait_loop_s", 2)
-        for d in serve_cfg["applications"][0]["deployments"]
+        for d in effective_deployments(serve_cfg).values()
     )
     assert longest_shutdown <= 62
     for group, template in pod_templates(rs).items():
@@ -554,3 +576,25 @@ def test_prometheusrule_in_build_is_the_rendered_file():
     pr = one(build("gpu-production"), "PrometheusRule")
     rendered = yaml.safe_load((K8S / "monitoring" / "prometheusrule.yaml").read_text())
     assert pr["spec"] == rendered["spec"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_ports_never_on_a_load_balancer(overlay):
+    """The only Service KubeRay exposes for traffic carries the Serve port alone, and the head's
+    own Service (GCS, dashboard, client, metrics) stays ClusterIP without an Ingress."""
+    docs = build(overlay)
+    rs = one(docs, "RayService")
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not head.get("enableIngress", False)
+    assert head.get("headService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
+    serve_ports = rs["spec"]["serveService"]["spec"]["ports"]
+    assert not {p["port"] for p in serve_ports} & RAY_ONLY_PORTS
+    assert not {p.get("targetPort", p["port"]) for p in serve_ports} & RAY_ONLY_PORTS
+    for doc in docs:
+        if doc["kind"] == "Service":
+            assert not {p["port"] for p in doc["spec"]["ports"]} & RAY_ONLY_PORTS, doc["metadata"]["name"]
+    np = one(docs, "NetworkPolicy")
+    for rule in np["spec"]["ingress"]:
+        if "from" not in rule:  # open to anyone: never a Ray port
+            assert not {p["port"] for p in rule["ports"]} & RAY_ONLY_PORTS

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import serve
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from mistral_serve.serving.config import AppArgs
 
@@ -44,6 +44,8 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
     router = {
         "num_replicas": args.router.num_replicas,
         "max_ongoing_requests": args.router.max_ongoing_requests,
+        "max_queued_requests": args.router.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=args.admission.retry_after_s),
         "ray_actor_options": {"num_cpus": args.router.num_cpus},
     }
     return llm, router

@@ -15,8 +15,6 @@ shares stay right either way.
 
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +62,8 @@ class AdmissionConfig(_Strict):
     queue_timeout_s: float = Field(60.0, gt=0, description="longest wait for the first token")
     shared_state: bool = Field(True, description="tenant buckets in one AdmissionState replica for all routers")
     drain_file: str | None = Field(None, description="while this file exists the router drains (503)")
+    log_prompts: bool = Field(False, description="log each request's prompt and completion, redacted and truncated "
+                                                 "(serving/redact.py); off: neither is ever logged")
 
 
 class CostConfig(_Strict):
@@ -94,6 +94,8 @@ class ReplicaConfig(_Strict):
     routing_stats_period_s: float = Field(1.0, gt=0)
     metrics_interval_s: float = Field(1.0, gt=0)
     graceful_shutdown_timeout_s: float = 60.0
+    test_hooks: bool = Field(False, description="tests only: enables LLMReplica.inject_fault and recent_prompts "
+                                                "(DeploymentHandle methods, never HTTP routes)")
 
     @model_validator(mode="after")
     def _one_autoscaling(self) -> ReplicaConfig:
@@ -108,6 +110,8 @@ class RouterConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(1024, ge=1)
+    max_queued_requests: int = Field(
+        1024, ge=1, description="queued at each proxy beyond max_ongoing: a backstop answered by Ray with 503")
     status_poll_interval_s: float = Field(2.0, gt=0)
 
 
@@ -200,11 +204,3 @@ def router_max_model_len(args: AppArgs, config_max_positions: int) -> int:
     """The engine's own rule (llm_engine.py): the configured length capped by the model's."""
     configured = args.engine.get("max_model_len")
     return min(configured or config_max_positions, config_max_positions)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
-
-
-def ceil_div(a: float, b: float) -> int:
-    return int(math.ceil(a / b))

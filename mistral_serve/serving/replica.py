@@ -18,9 +18,11 @@ engine stream, which aborts the request in the engine and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -99,6 +101,11 @@ class LLMReplica:
         self.stall_timeout_s = self.args.replicas.stall_timeout_s
         self.price = self.args.cost.gpu_price_usd_per_hour
         self._ongoing = 0
+        # Set once the engine loop died or stalled: in-flight requests were failed, new ones are
+        # refused (the Router retries them elsewhere) and check_health fails until Serve replaces us.
+        self._failed: str | None = None
+        self._recent_prompts: collections.deque | None = (
+            collections.deque(maxlen=64) if self.args.replicas.test_hooks else None)
         self._meter = BusyIdleMeter()
         self._last = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0}
         self.metrics = None
@@ -123,6 +130,12 @@ class LLMReplica:
         that also has ``finish_reason``, ``usage`` and ``cost_usd``. Errors travel as
         ``{"error": {...}}`` so the Router can map them to an HTTP status."""
         rid = req["request_id"]
+        if self._failed is not None:
+            yield {"error": {"status": 503, "message": f"The model replica failed: {self._failed}",
+                             "reason": "no_replica"}}
+            return
+        if self._recent_prompts is not None:
+            self._recent_prompts.append((rid, list(req["prompt_token_ids"])))
         try:
             params = SamplingParams(**req["sampling"])
         except (TypeError, ValueError) as exc:
@@ -223,8 +236,18 @@ class LLMReplica:
 
     async def check_health(self) -> None:
         """Serve marks the replica unhealthy (and replaces it) when this raises: the engine
-        loop died, or it has work and has not finished a step in ``stall_timeout_s``."""
-        self.engine.check_health(self.stall_timeout_s)
+        loop died, or it has work and has not finished a step in ``stall_timeout_s``. The first
+        failure also fails every in-flight request at once (a wedged engine would hold them until
+        Serve's graceful-shutdown timeout): not-yet-started ones are retried by the Router."""
+        if self._failed is None:
+            try:
+                self.engine.check_health(self.stall_timeout_s)
+                return
+            except EngineDeadError as exc:
+                self._failed = str(exc)
+                logger.error("LLMReplica unhealthy, failing in-flight requests: %s", exc)
+                self.engine._fail_all(EngineDeadError(f"replica unhealthy: {exc}"))
+        raise EngineDeadError(self._failed)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Read by LeastQueueDepthRouter (request_router.py) in every caller of this deployment."""
@@ -235,6 +258,7 @@ class LLMReplica:
             "kv_usage": s["kv_usage"],
             "capacity": s["max_num_seqs"],
             "ongoing": self._ongoing,
+            "failed": self._failed is not None or not s["alive"],  # routed to last (request_router.py)
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -256,8 +280,51 @@ class LLMReplica:
         times = sorted(self.engine.engine.stats.step_times)
         s["step_time_p90"] = times[int(len(times) * 0.9)] if times else None
         s.update(ongoing=self._ongoing, replica_id=_replica_id(), model=self.model_name,
-                 max_model_len=self.max_model_len)
+                 max_model_len=self.max_model_len, asyncio_tasks=len(asyncio.all_tasks()))
         return s
+
+    # ---- test hooks (replicas.test_hooks: true; off by default; DeploymentHandle only) -----------
+
+    def _require_test_hooks(self) -> None:
+        if not self.args.replicas.test_hooks:
+            raise PermissionError("test hooks are disabled (replicas.test_hooks is false)")
+
+    async def inject_fault(self, kind: str, after_steps: int = 0, seconds: float = 600.0) -> str:
+        """``raise``: the engine loop raises after ``after_steps`` more steps (it dies, as on a
+        CUDA error); ``wedge``: the loop blocks for ``seconds`` before its next step (no progress);
+        ``clear``: remove the hook. Returns this replica's id."""
+        self._require_test_hooks()
+        if kind == "raise":
+            left = [after_steps]
+
+            def hook() -> None:
+                if left[0] <= 0:
+                    raise RuntimeError("injected engine fault (test hook)")
+                left[0] -= 1
+
+            self.engine.before_step = hook
+        elif kind == "wedge":
+            release = threading.Event()
+
+            def hook() -> None:
+                release.wait(seconds)
+                self.engine.before_step = None
+
+            self._release_wedge = release
+            self.engine.before_step = hook
+        elif kind == "clear":
+            self.engine.before_step = None
+            if getattr(self, "_release_wedge", None) is not None:
+                self._release_wedge.set()
+        else:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        logger.warning("LLMReplica: test fault %r injected", kind)
+        return _replica_id()
+
+    async def recent_prompts(self) -> dict:
+        """The prompt token ids of the last 64 requests as received here, by request id."""
+        self._require_test_hooks()
+        return {"replica_id": _replica_id(), "prompts": dict(self._recent_prompts or ())}
 
     async def model_info(self) -> dict:
         return {"model": self.model_name, "max_model_len": self.max_model_len, "dir": str(self.model_dir)}
@@ -291,6 +358,8 @@ class LLMReplica:
     def __del__(self) -> None:
         try:
             self._metrics_task.cancel()
+            if getattr(self, "_release_wedge", None) is not None:
+                self._release_wedge.set()
             self.engine.shutdown()
         except Exception:  # noqa: BLE001
             pass

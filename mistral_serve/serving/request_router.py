@@ -17,6 +17,7 @@ falling back to the reported value, and send to the best one that still has a fr
 
 from __future__ import annotations
 
+import math
 import random
 
 from ray.serve.request_router import FIFOMixin, LocalityMixin, PendingRequest, RequestRouter, RunningReplica
@@ -24,6 +25,8 @@ from ray.serve.request_router import FIFOMixin, LocalityMixin, PendingRequest, R
 
 def queue_depth(stats: dict | None, ongoing: int | None, max_ongoing: int) -> float:
     stats = stats or {}
+    if stats.get("failed"):
+        return math.inf  # engine dead or wedged: only when nothing else is left
     capacity = stats.get("capacity") or max_ongoing or 1
     if ongoing is None:
         ongoing = stats.get("ongoing", stats.get("num_running", 0) + stats.get("num_waiting", 0))

@@ -51,6 +51,7 @@ from mistral_serve.serving.openai_protocol import (
     usage_chunk,
     usage_dict,
 )
+from mistral_serve.serving.redact import redact
 from mistral_serve.serving.tenants import build_tenants
 from mistral_serve.tokenizer import load_tokenizer
 
@@ -58,6 +59,11 @@ logger = logging.getLogger("ray.serve")
 
 LLM_DEPLOYMENT = "LLMReplica"
 ROUTER_DEPLOYMENT = "Router"
+# Tries of a request on the replicas before its first token: a replica that dies (actor killed,
+# engine loop dead or wedged) before the request started costs the client nothing but time. The
+# backoffs (0.2, 0.4, ... s; 2 s in all) outlast one routing-stats period, after which a failed
+# replica is routed to last (request_router.py).
+START_ATTEMPTS = 5
 
 api = FastAPI(title="mistral-serve", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -74,6 +80,28 @@ def _loop_running() -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def _json_body(model) -> dict:
+    """The OpenAPI request body of a route whose handler reads the body itself (``api.openapi()``;
+    tests/test_fuzz_api.py fuzzes the live server from it). Pydantic's $defs are inlined."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def _retryable(err: AdmissionError) -> AdmissionError:
+    """Marks a replica failure: safe to send again elsewhere while nothing reached the client."""
+    err.retryable = True
+    return err
 
 
 def _sse_line(obj: dict) -> str:
@@ -119,12 +147,9 @@ class _Ticket:
     generated: int = 0
     cost_usd: float | None = None
     finished: bool = False
-
-
-class _ReplicaError(Exception):
-    def __init__(self, err: AdmissionError) -> None:
-        super().__init__(err.message)
-        self.err = err
+    request_id: str = ""
+    prompt_log: str | None = None  # only with admission.log_prompts (redacted)
+    completion_log: list[str] | None = None
 
 
 @serve.deployment(name=ROUTER_DEPLOYMENT)
@@ -198,7 +223,7 @@ class Router:
             return self._error(exc, tenant=None)
         return JSONResponse(models_response(self.model_name, self.max_model_len, self._created))
 
-    @api.post("/tokenize")
+    @api.post("/tokenize", openapi_extra=_json_body(TokenizeRequest))
     async def tokenize(self, request: Request) -> Response:
         tenant = None
         try:
@@ -221,11 +246,11 @@ class Router:
         except AdmissionError as exc:
             return self._error(exc, tenant=tenant)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, chat=True)
 
@@ -245,7 +270,8 @@ class Router:
                 shared = None
         return {"waiting_requests": self.gate.waiting_requests, "waiting_tokens": self.gate.waiting_tokens,
                 "in_flight": self.in_flight, "ready_replicas": self.ready_replicas, "num_routers": self.num_routers,
-                "draining": self.draining, "local_buckets": self.local_limiter.snapshot(), "shared_buckets": shared}
+                "draining": self.draining, "local_buckets": self.local_limiter.snapshot(), "shared_buckets": shared,
+                "asyncio_tasks": len(asyncio.all_tasks())}
 
     # ---- the request path ---------------------------------------------------------------------
 
@@ -292,6 +318,10 @@ class Router:
                 "stream": bool(req.stream),
                 "priority": self.limits.get(tenant, Limits()).priority,
             }
+            ticket.request_id = payload["request_id"]
+            if self.adm.log_prompts:
+                ticket.prompt_log = redact(self.tokenizer.decode(ids, skip_special_tokens=False))
+                ticket.completion_log = []
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             response = await self._run(payload, ticket, chat, bool(req.stream), include_usage, t0)
             if warning:
@@ -360,6 +390,9 @@ class Router:
             else:
                 self.local_limiter.refund(ticket.tenant, unused)
         self.in_flight -= 1
+        if ticket.prompt_log is not None:
+            logger.info("request %s tenant=%s finished=%s prompt=%r completion=%r", ticket.request_id, ticket.tenant,
+                        ticket.finished, ticket.prompt_log, redact("".join(ticket.completion_log or [])))
         if self.metrics:
             self.metrics.set_in_flight(self.in_flight)
             if ticket.started:
@@ -379,13 +412,25 @@ class Router:
     async def _run(self, payload: dict, ticket: _Ticket, chat: bool, stream: bool, include_usage: bool,
                    t0: float) -> Response:
         deadline = t0 + self.adm.request_timeout_s
-        gen = self.llm.options(stream=True).generate.remote(payload)
-        try:
-            first = await self._next(gen, min(deadline, time.monotonic() + self.adm.queue_timeout_s), queued=True)
-            self._mark_started(ticket)
-        except BaseException:
-            gen.cancel()
-            raise
+        start_deadline = min(deadline, time.monotonic() + self.adm.queue_timeout_s)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            gen = self.llm.options(stream=True).generate.remote(payload)
+            try:
+                first = await self._next(gen, start_deadline, queued=True)
+                break
+            except AdmissionError as exc:
+                gen.cancel()
+                backoff = 0.2 * attempt
+                if (not getattr(exc, "retryable", False) or attempt == START_ATTEMPTS
+                        or time.monotonic() + backoff >= start_deadline):
+                    raise
+                logger.warning("request %s: replica failed before the first token (%s); retrying on another "
+                               "replica (attempt %d)", payload["request_id"], exc.message, attempt + 1)
+                await asyncio.sleep(backoff)
+            except BaseException:
+                gen.cancel()
+                raise
+        self._mark_started(ticket)
         rid, created = payload["request_id"], int(time.time())
         if stream:
             body = self._stream(gen, first, ticket, rid, created, chat, include_usage, deadline, t0)
@@ -434,8 +479,8 @@ class Router:
             raise AdmissionError(504, f"The request exceeded its deadline of {self.adm.request_timeout_s:g} s.",
                                  reason="deadline", code="deadline_exceeded") from None
         except StopAsyncIteration:
-            raise AdmissionError(503, "The model replica ended the stream unexpectedly.", reason="no_replica",
-                                 retry_after_s=self.adm.retry_after_s) from None
+            raise _retryable(AdmissionError(503, "The model replica ended the stream unexpectedly.",
+                                            reason="no_replica", retry_after_s=self.adm.retry_after_s)) from None
         except BackPressureError:
             raise AdmissionError(429, "The server is overloaded: the model replicas' queues are full.",
                                  reason="queue_full", retry_after_s=self.gate.retry_after()) from None
@@ -445,14 +490,15 @@ class Router:
         except (asyncio.CancelledError, AdmissionError):
             raise
         except Exception as exc:  # noqa: BLE001 - a replica died mid-request, Ray errors
-            logger.warning("replica call failed: %r", exc)
-            raise AdmissionError(503, "The model replica failed; retry the request.", reason="no_replica",
-                                 retry_after_s=self.adm.retry_after_s) from None
+            logger.warning("replica call failed: %s", type(exc).__name__)
+            raise _retryable(AdmissionError(503, "The model replica failed; retry the request.", reason="no_replica",
+                                            retry_after_s=self.adm.retry_after_s)) from None
         if "error" in msg:
             e = msg["error"]
-            raise AdmissionError(e["status"], e["message"], reason=e["reason"],
+            err = AdmissionError(e["status"], e["message"], reason=e["reason"],
                                  code="context_length_exceeded" if e["reason"] == "context_length" else None,
                                  retry_after_s=self.adm.retry_after_s if e["status"] >= 500 else None)
+            raise _retryable(err) if e["reason"] == "no_replica" else err
         return msg
 
     def _abandon(self, gen, ticket: _Ticket) -> None:
@@ -464,6 +510,8 @@ class Router:
     @staticmethod
     def _absorb(ticket: _Ticket, msg: dict) -> None:
         ticket.generated += msg.get("n", 0)
+        if ticket.completion_log is not None:
+            ticket.completion_log.append(msg.get("text", ""))
         if "finish_reason" in msg:
             usage = msg.get("usage") or {}
             ticket.generated = usage.get("completion_tokens", ticket.generated)
