@@ -49,8 +49,11 @@ def test_abort_frees_blocks_at_once(engine):
         gen = engine.generate("a long story", SamplingParams(max_tokens=500, ignore_eos=True), "to-abort")
         await gen.__anext__()
         assert engine.stats()["kv_blocks_used"] > 0
-        await engine.abort("to-abort")
+        final = await engine.abort("to-abort")
         assert engine.stats()["kv_blocks_used"] == 0
+        assert final.finished and final.outputs[0].finish_reason == "abort"
+        assert final.metrics.compute_seconds > 0  # the work done so far can be billed
+        assert await engine.abort("to-abort") is None
         rest = [o async for o in gen]
         assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
 

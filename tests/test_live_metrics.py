@@ -43,9 +43,9 @@ DASHBOARDS = sorted((K8S / "dashboards").glob("*.json"))
 
 NAMESPACE = "mistral-serve-test"
 CLUSTER = "local-ray"
-# Grafana's $__rate_interval is max(4 x scrape interval, the panel's step): on a 1 s scrape
-# and a recent 1-minute load, 1m. $__range: the dashboard's time range.
-GRAFANA_VARS = {"__rate_interval": "1m", "__interval": "1m", "__range": "10m"}
+# Grafana's $__rate_interval is max(4 x scrape interval, the panel's step); 5m here, so the
+# load below stays in every window while the tests run. $__range: the dashboard's time range.
+GRAFANA_VARS = {"__rate_interval": "5m", "__interval": "5m", "__range": "10m"}
 
 # Recording rules that may be empty after a short healthy run, and why.
 RECORDS_WITHOUT_DATA = {
@@ -55,6 +55,25 @@ RECORDS_WITHOUT_DATA = {
 # Dashboard targets ("<file> <panel title> <refId>") that may be empty, and why. Their
 # metric names must still be in the scrape.
 PANELS_WITHOUT_DATA: dict[str, str] = {}
+# Targets the load below must move above zero (at least one series > 0): throughput, latency,
+# spend, replicas. The others may legitimately read 0 in a healthy tiny run (queue depth, KV
+# usage, preemptions, in-flight, rejection and error rates: a counter series that first
+# appears at 1 shows no increase to rate()).
+PANELS_NONZERO = {
+    "cost.json Spend rate A", "cost.json Cost per 1M output tokens A", "cost.json Idle-GPU spend A",
+    "cost.json GPU busy (1h) A", "cost.json Spend per tenant (attributed) A",
+    "cost.json Spend per tenant over the time range A", "cost.json Tokens per tenant A",
+    "cost.json Self-hosted spend vs reference API cost of the same tokens B",
+    "cost.json Break-even utilization vs actual GPU busy A", "cost.json Break-even utilization vs actual GPU busy B",
+    "cost.json Replicas and GPU price A", "cost.json Replicas and GPU price B",
+    *(f"latency-capacity.json {panel} {q}" for panel in (
+        "Time to first token", "Inter-token latency", "End-to-end request latency", "Queue time") for q in "ABC"),
+    "latency-capacity.json Finished requests A", "latency-capacity.json Tokens per second A",
+    "latency-capacity.json Tokens per second B", "latency-capacity.json Queue depth C",
+    "latency-capacity.json Replicas: target vs running A", "latency-capacity.json Replicas: target vs running B",
+    "latency-capacity.json Replicas: target vs running C", "latency-capacity.json Admitted and in-flight requests A",
+    "latency-capacity.json HTTP requests and errors A", "latency-capacity.json Router request latency A",
+}
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -104,8 +123,27 @@ def dashboard_targets() -> list[tuple[str, str]]:
 
 
 def _metric_names(expr: str) -> set[str]:
-    words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", re.sub(r'"[^"]*"', "", expr)))
-    return {w for w in words if w.startswith(("ray_", "mistral_serve"))}
+    """Metric names an expression selects (promql-parser when installed, else a regex)."""
+    try:
+        import promql_parser as pp
+    except ImportError:
+        text = re.sub(r'"[^"]*"|\{[^}]*\}|\bby\s*\([^)]*\)|\bon\s*\([^)]*\)', "", expr)
+        return {w for w in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text) if w.startswith(("ray_", "mistral_serve"))}
+    out: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, pp.VectorSelector):
+            out.add(node.name)
+            return
+        for attr in ("expr", "lhs", "rhs", "vector_selector", "param"):
+            child = getattr(node, attr, None)
+            if child is not None and not isinstance(child, (int, float, str)):
+                walk(child)
+        for child in getattr(node, "args", None) or []:
+            walk(child)
+
+    walk(pp.parse(re.sub(r"\$\{?__\w+\}?", "5m", expr)))
+    return out
 
 
 def _scrape(url: str) -> dict[str, dict]:
@@ -250,6 +288,9 @@ def test_rules_evaluate_and_recording_rules_have_data(prometheus, loaded):
 def test_every_dashboard_query_returns_data(prometheus, loaded, live_server):
     targets = dashboard_targets()
     assert len(targets) >= 40
+    assert PANELS_NONZERO <= {w for w, _ in targets}, PANELS_NONZERO - {w for w, _ in targets}
+    # The check can fail: a name nobody exports returns nothing.
+    assert not _query(prometheus, f'ray_mistral_serve_no_such_metric{{namespace="{NAMESPACE}"}}')
 
     def check():
         problems = []
@@ -261,6 +302,8 @@ def test_every_dashboard_query_returns_data(prometheus, loaded, live_server):
                 problems.append(f"{where}: no data\n    {expr}")
             elif all(math.isnan(v) for v in _values(result)):
                 problems.append(f"{where}: only NaN\n    {expr}")
+            elif where in PANELS_NONZERO and not any(v > 0 for v in _values(result)):
+                problems.append(f"{where}: no value above 0 after the load: {_values(result)}\n    {expr}")
         return problems
 
     problems = _wait_until(check, 60)
@@ -289,6 +332,24 @@ def test_template_variables_list_this_run(prometheus, loaded):
                 assert want in found, (path.name, var["name"], found)
             else:  # tenant
                 assert {"alpha", "anonymous"} <= found, (path.name, var["name"], found)
+
+
+def test_every_queried_metric_is_exported(live_server, loaded):
+    """Each metric name a rule or dashboard selects is in Ray's real scrape (or is one of
+    our recording rules): nothing refers to a series the project does not export."""
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    recorded = {r["record"] for r in rules if "record" in r}
+    exprs = [(f"rules.yaml {r.get('record') or r.get('alert')}", r["expr"]) for r in rules] + dashboard_targets()
+    samples = {name for fam in _scrape(live_server.metrics_url).values() for name in fam["samples"]}
+    missing = []
+    count = 0
+    for where, expr in exprs:
+        for name in _metric_names(expr):
+            count += 1
+            if name not in samples and name not in recorded:
+                missing.append(f"{where}: {name}")
+    assert count > 100
+    assert not missing, "\n".join(missing)
 
 
 def test_allowed_metrics_are_in_the_live_scrape_with_their_labels(live_server, loaded):

@@ -392,7 +392,7 @@ def test_drain_redeploy_and_shutdown(live_server, tmp_path):
     drain_file = tmp_path / "draining"
     live = deploy_app(live_server, DRAIN_APP, _drain_args(drain_file), ready_replicas=1)
     grace = live.args["replicas"]["graceful_shutdown_timeout_s"]
-    max_tokens = 400  # several seconds: the requests outlive the start of each stop
+    max_tokens = 300  # several seconds: the requests outlive the start of each stop
     try:
         # 1. Drain (what the pod's preStop does): new requests 503 + Retry-After, /ready 503,
         #    in-flight requests finish.

@@ -122,7 +122,8 @@ class Load:
                 status = r.status_code
             elif kind.startswith("chat"):
                 stream = kind.endswith("stream")
-                body = {"model": m, "messages": [{"role": "user", "content": f"soak request {i}"}], "max_tokens": 12,
+                body = {"model": m, "messages": [{"role": "user", "content": f"soak request {i} {PAD}"}],
+                        "max_tokens": 12,
                         "stream": stream, "ignore_eos": True}
                 if stream:
                     body["stream_options"] = {"include_usage": True}
@@ -135,7 +136,7 @@ class Load:
                         assert json.loads(text)["usage"]["completion_tokens"] == 12
             else:
                 stream = kind != "completion"
-                body = {"model": m, "prompt": f"soak request {i}", "stream": stream, "ignore_eos": True,
+                body = {"model": m, "prompt": f"soak request {i} {PAD}", "stream": stream, "ignore_eos": True,
                         "max_tokens": 200 if kind == "disconnect" else 16}
                 with requests.post(url + "/v1/completions", json=body, stream=stream, timeout=120) as r:
                     status = r.status_code
@@ -161,6 +162,9 @@ class Load:
                 if on_tick is not None:
                     on_tick()
                 time.sleep(max(0.0, next_tick - time.monotonic()))
+
+
+PAD = " ".join(f"word{i}" for i in range(60))  # ~200 prompt tokens: KV usage worth watching
 
 
 def _soak(live, seconds: float) -> dict:
@@ -198,6 +202,7 @@ def _soak(live, seconds: float) -> dict:
         assert tasks - before["replica_tasks"].get(rid, tasks) <= 2, (rid, before["replica_tasks"], tasks)
     half = len(kv) // 2
     first, second = statistics.mean(v for _, v in kv[:half]), statistics.mean(v for _, v in kv[half:])
+    assert max(v for _, v in kv) > 0, "the sampler never saw a request holding KV"
     assert second <= first * 1.5 + 0.05, (first, second)
     report = {
         "seconds": seconds, "rate": RATE, "requests": len(results), "kv_mean_first_half": round(first, 4),

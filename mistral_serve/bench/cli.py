@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     p.add_argument("--engine-args", default="{}", help="JSON dict of extra engine args for mistral-serve")
     p.add_argument("--json", help="write the report here")
+    p.add_argument("--profile", help="also write a torch-profiler table of one extra pass of our engine here")
     return p
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> int:
     model = Path(a.model) if a.model else ensure_tiny_model()
     workload = load_workload(a.workload)
     baselines = [b for b in (a.baseline or list(BASELINES)) if b != "none"]
-    results = [_bench_ours(model, workload, a.runs, json.loads(a.engine_args))]
+    results = [_bench_ours(model, workload, a.runs, json.loads(a.engine_args), a.profile)]
     for name in baselines:
         results.append(_bench_in_process(name, model, workload, a.runs))
     if a.vllm_python:
@@ -79,17 +80,29 @@ def _timed(runner, workload: Workload, runs: int, label: str) -> tuple[list[RunR
     return results, rss.peak
 
 
-def _bench_ours(model: Path, workload: Workload, runs: int, engine_args: dict) -> dict:
+def _bench_ours(model: Path, workload: Workload, runs: int, engine_args: dict, profile: str | None) -> dict:
     from mistral_serve.bench.runners import OursRunner
 
     with PeakRSS() as load_rss:
         runner = OursRunner(model, engine_args)
     results, peak = _timed(runner, workload, runs, OursRunner.name)
+    if profile:
+        _write_profile(runner, workload, Path(profile))
     summary = summarize(OursRunner.name, results, max(peak, load_rss.peak), OursRunner.notes)
     engine = runner.llm.engine
     summary["kv_pool_mib"] = round(sum(k.nbytes + v.nbytes for k, v in engine.runner.kv_caches) / 2**20, 1)
     summary["kv_blocks_peak_note"] = "KV pool is allocated once from kv_cache_memory_bytes"
     return summary
+
+
+def _write_profile(runner, workload: Workload, out: Path) -> None:
+    """Where one pass spends its time, by operator (self CPU time), and Python-side step overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = runner.run(workload)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    out.write_text(f"one pass: {result.wall_s:.3f} s, {result.output_tokens} output tokens\n{table}\n")
 
 
 def _bench_in_process(name: str, model: Path, workload: Workload, runs: int) -> dict:

@@ -79,12 +79,15 @@ class AsyncLLM:
             if not finished:
                 self._send(("abort", request_id, None))
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a request; returns once its KV blocks are back in the pool."""
+    async def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort a request; returns once its KV blocks are back in the pool, with its final
+        output (``metrics.compute_seconds`` lets the caller bill the work done), or None if
+        the request was unknown or already finished."""
         done = asyncio.get_running_loop().create_future()
         self._send(("abort", request_id, done))
-        if self._thread.is_alive():
-            await done
+        if not self._thread.is_alive():
+            return None
+        return await done
 
     def stats(self) -> dict:
         snap = self.engine.stats.snapshot()
@@ -150,7 +153,7 @@ class AsyncLLM:
                 if out is not None:
                     self._dispatch([out])
                 if done is not None:
-                    done.get_loop().call_soon_threadsafe(_resolve, done)
+                    done.get_loop().call_soon_threadsafe(_resolve, done, out)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
@@ -176,6 +179,6 @@ def _deliver(items: list) -> None:
         queue.put_nowait(item)
 
 
-def _resolve(future: asyncio.Future) -> None:
+def _resolve(future: asyncio.Future, value) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(value)

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-mib", type=int, default=256)
     p.add_argument("--ray-cpus", type=int, default=2)
+    p.add_argument("--default-ray-intervals", action="store_true",
+                   help="keep Ray Serve's default background intervals (local.QUIET_RAY_ENV otherwise)")
     a = p.parse_args(argv)
     w = json.loads(Path(a.workload).read_text())
     from mistral_serve.model.tiny import ensure_tiny_model
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = {"model": "tiny", "engine": engine, "replicas": {"num_replicas": 1, "num_cpus": 1},
             "router": {"num_cpus": 0.25},
             "admission": {"api_keys_env": None, "max_waiting_requests": 1024, "queue_timeout_s": 600}}
-    server = start_local(args, port=free_port(), num_cpus=a.ray_cpus)
+    server = start_local(args, port=free_port(), num_cpus=a.ray_cpus, quiet_ray=not a.default_ray_intervals)
     pairs = []
     try:
         url = server.base_url + "/v1/completions"

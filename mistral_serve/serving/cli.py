@@ -49,6 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="JSON (or @file.json / @file.yaml) with build_app args, merged under the flags above")
     p.add_argument("--metrics-port", type=int, default=None, help="Ray's Prometheus metrics port (default: free)")
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: max(2, cores))")
+    p.add_argument("--default-ray-intervals", action="store_true",
+                   help="keep Ray Serve's default background intervals (default: the quieter ones of docs/serving.md)")
     return p.parse_args(argv)
 
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ray_cpus = a.ray_cpus or max(2, os.cpu_count() or 2)
         server = start_local(parsed.model_dump(mode="json"), host=a.host, port=a.port, num_cpus=ray_cpus,
-                             metrics_port=a.metrics_port)
+                             metrics_port=a.metrics_port, quiet_ray=not a.default_ray_intervals)
         if stop.is_set():
             return 0
         auth = parsed.admission.api_keys_file or parsed.admission.tenants

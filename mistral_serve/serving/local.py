@@ -12,6 +12,16 @@ from typing import Any
 
 APP_NAME = "mistral"
 
+# Ray Serve background work, made less frequent for small CPU-only machines, where every
+# wakeup of Ray's bookkeeping steals a core from the engine's OpenMP threads (docs/serving.md,
+# "Performance"): the controller loop (default 0.1 s), Serve's own metrics cache flush
+# (default 100 ms), and the event-loop monitor (default 5 s).
+QUIET_RAY_ENV = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "60",
+}
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -43,8 +53,10 @@ def start_local(
     metrics_report_interval_ms: int | None = None,
     app_name: str = APP_NAME,
     ready_timeout_s: float = 300.0,
+    quiet_ray: bool = False,
 ) -> LocalServer:
-    """A fresh local Ray (dashboard off) with Serve on host:port running ``build_app(args)``."""
+    """A fresh local Ray (dashboard off) with Serve on host:port running ``build_app(args)``.
+    ``quiet_ray`` applies QUIET_RAY_ENV (unless those variables are already set)."""
     import ray
     from ray import serve
 
@@ -57,6 +69,9 @@ def start_local(
     if metrics_report_interval_ms:
         system_config["metrics_report_interval_ms"] = metrics_report_interval_ms
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    if quiet_ray:  # inherited by the raylet and every Ray worker it starts
+        for key, value in QUIET_RAY_ENV.items():
+            os.environ.setdefault(key, value)
     ray.init(
         address="local",
         num_cpus=num_cpus,

@@ -21,7 +21,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -117,8 +116,6 @@ class LLMReplica:
         except Exception:  # noqa: BLE001 - metrics must never keep a replica from serving
             logger.exception("LLMReplica: metrics disabled")
         self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_loop())
-        if os.environ.get("MS_EXPERIMENT_RENICE"):
-            _renice_other_threads(self.engine._thread.native_id, int(os.environ["MS_EXPERIMENT_RENICE"]))
         logger.info("LLMReplica ready: model=%s dir=%s max_model_len=%d max_num_seqs=%d kv_blocks=%d (%.1fs)",
                     self.model_name, self.model_dir, self.max_model_len, self.engine.engine.args.max_num_seqs,
                     self.engine.engine.block_manager.num_blocks, time.monotonic() - t0)
@@ -368,15 +365,6 @@ class LLMReplica:
 def _drain(queue: asyncio.Queue, acc: _Accumulator) -> None:
     while not queue.empty() and not acc.finished:
         acc.add(queue.get_nowait())
-
-
-def _renice_other_threads(keep_tid: int, nice: int) -> None:
-    for tid in os.listdir("/proc/self/task"):
-        if int(tid) != keep_tid:
-            try:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-            except OSError:
-                pass
 
 
 def _request_error_reason(message: str) -> str:

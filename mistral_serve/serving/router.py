@@ -307,6 +307,9 @@ class Router:
             if warning and self.metrics:
                 self.metrics.soft_context_exceeded(tenant, "warn")
             params = req.sampling_params(max_tokens, logprobs)
+            if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+                raise AdmissionError(400, f"stop_token_ids must be integers in [0, {self.vocab_size}).",
+                                     reason="invalid_request", param="stop_token_ids")
             if self.ready_replicas == 0:
                 raise AdmissionError(503, "No model replica is ready; retry shortly.", reason="no_replica",
                                      retry_after_s=self.adm.retry_after_s)
@@ -595,10 +598,14 @@ class Router:
                 raise too_large
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks) or b"null")
-        except ValueError:
-            raise AdmissionError(400, "We could not parse the JSON body of your request.",
-                                 reason="invalid_request") from None
+            # Strict UTF-8 (json.loads of bytes would let encoded surrogates through), then no lone
+            # surrogate from a \ud800 escape either: the tokenizers cannot encode those.
+            body = json.loads((b"".join(chunks) or b"null").decode("utf-8"))
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+            return body
+        except (ValueError, RecursionError):  # UnicodeError is a ValueError; RecursionError: nesting
+            raise AdmissionError(400, "We could not parse the JSON body of your request: it must be valid UTF-8 "
+                                 "JSON, nested at most a few hundred levels.", reason="invalid_request") from None
 
     def _unknown_model(self, model: str) -> AdmissionError:
         return AdmissionError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
