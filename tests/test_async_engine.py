@@ -90,6 +90,9 @@ def test_invalid_requests_fail_before_queueing(engine):
         with pytest.raises(RequestError, match="token ids"):
             async for _ in engine.generate([10**9], SamplingParams(max_tokens=2), "bad-id"):
                 pass
+        with pytest.raises(RequestError, match="stop_token_ids"):
+            async for _ in engine.generate([5], SamplingParams(max_tokens=2, stop_token_ids=[10**12]), "bad-stop"):
+                pass
 
     run(scenario())
 

@@ -363,6 +363,7 @@ def test_allowed_metrics_are_in_the_live_scrape_with_their_labels(live_server, l
         "ray_mistral_serve_tokens_total": {"tenant", "kind"},
         "ray_mistral_serve_cost_usd_total": {"tenant"},
         "ray_mistral_serve_router_request_latency_seconds": {"status_code"},
+        "ray_mistral_serve_router_soft_context_exceeded_total": {"tenant", "policy"},
     }
     common = {"application", "deployment", "replica", "model_name"}
     problems = []
@@ -391,3 +392,20 @@ def test_allowed_metrics_are_in_the_live_scrape_with_their_labels(live_server, l
             break
         time.sleep(2)
     assert not problems, "\n".join(problems)
+
+
+def test_gauges_stay_exported_while_idle(prometheus, loaded, live_server):
+    """Ray 2.60 evicts a gauge that is not set again within a few export intervals (measured:
+    the Router's in-flight gauge, set only on admit/release, was gone from the scrape 21 s
+    after the last request until the Router re-set it on its status loop). After 25 s without
+    requests every gauge of allowed-metrics.yaml must still be exported, and the in-flight
+    panel must read 0 rather than "no data"."""
+    allowed = yaml.safe_load(ALLOWED.read_text())
+    gauges = [e["name"] for e in allowed["mistral_serve"] + allowed["ray_serve"] if e["type"] == "gauge"]
+    assert len(gauges) >= 8
+    assert _post(live_server, "/v1/completions", {"model": live_server.model, "prompt": "hi", "max_tokens": 4}) == 200
+    time.sleep(25)
+    fams = _scrape(live_server.metrics_url)
+    assert not [g for g in gauges if g not in fams], [g for g in gauges if g not in fams]
+    expr = dict(dashboard_targets())["latency-capacity.json Admitted and in-flight requests B"]
+    assert _values(_query(prometheus, expr)) == [0.0]

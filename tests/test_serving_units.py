@@ -68,7 +68,8 @@ def test_deployment_options():
 
     llm, router = deployment_options(AppArgs.model_validate(
         {"max_num_seqs": 16, "replicas": {"num_gpus": 1, "num_cpus": 4, "num_replicas": 3}}))
-    assert llm["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
+    assert llm["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1,
+                                        "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}}}
     assert llm["num_replicas"] == 3 and llm["max_ongoing_requests"] == 20
     assert llm["request_router_config"].request_router_class.endswith("LeastQueueDepthRouter")
     assert router["max_ongoing_requests"] >= 1000

@@ -104,6 +104,8 @@ class LLMEngine:
         vocab = self.config.vocab_size
         if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be integers in [0, {vocab})")
         total = len(ids) + (params.max_tokens or 0)
         if len(ids) >= self.max_model_len or total > self.max_model_len:
             raise RequestError(

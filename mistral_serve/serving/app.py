@@ -17,8 +17,14 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
     actor = {"num_cpus": r.num_cpus}
     if r.num_gpus:
         actor["num_gpus"] = r.num_gpus
-    if r.runtime_env:
-        actor["runtime_env"] = r.runtime_env
+    runtime_env = dict(r.runtime_env or {})
+    if r.worker_niceness is not None:
+        # Read by each Ray worker when it starts: only the LLMReplica processes get it.
+        env_vars = dict(runtime_env.get("env_vars") or {})
+        env_vars.setdefault("RAY_worker_niceness", str(r.worker_niceness))
+        runtime_env["env_vars"] = env_vars
+    if runtime_env:
+        actor["runtime_env"] = runtime_env
     llm: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": args.replica_max_ongoing(),

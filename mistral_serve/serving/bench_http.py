@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--default-ray-intervals", action="store_true",
                    help="keep Ray Serve's default background intervals (local.QUIET_RAY_ENV otherwise)")
+    p.add_argument("--worker-niceness", default="0", help="the LLMReplica's nice value, or 'ray' for Ray's (15)")
     a = p.parse_args(argv)
     w = json.loads(Path(a.workload).read_text())
     from mistral_serve.model.tiny import ensure_tiny_model
@@ -98,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = engine_config(a)
     offline = Offline(model_dir, w, engine)
     before = [offline.run("OFFLINE(ray down)") for _ in range(a.runs)]
-    args = {"model": "tiny", "engine": engine, "replicas": {"num_replicas": 1, "num_cpus": 1},
+    niceness = None if a.worker_niceness == "ray" else int(a.worker_niceness)
+    args = {"model": "tiny", "engine": engine,
+            "replicas": {"num_replicas": 1, "num_cpus": 1, "worker_niceness": niceness},
             "router": {"num_cpus": 0.25},
             "admission": {"api_keys_env": None, "max_waiting_requests": 1024, "queue_timeout_s": 600}}
     server = start_local(args, port=free_port(), num_cpus=a.ray_cpus, quiet_ray=not a.default_ray_intervals)

@@ -82,6 +82,9 @@ class ReplicaConfig(_Strict):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of the replicas (env_vars, ...)")
+    worker_niceness: int | None = Field(
+        0, ge=0, le=19, description="nice value of the replica processes (Ray starts workers at 15, below its own "
+                                    "daemons); 0 lets the engine outrank Ray's bookkeeping; null keeps Ray's")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="default: max_num_seqs + max(2, max_num_seqs // 4), the engine's batch plus headroom")
     max_queued_requests: int | None = Field(

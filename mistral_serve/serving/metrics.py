@@ -126,6 +126,10 @@ class EngineMetrics:
         self.gpu_price = _gauge("mistral_serve_gpu_price_usd_per_hour", "Price of one replica's GPU.", m)
         self.reference_price = _gauge("mistral_serve_reference_price_usd_per_1m_tokens",
                                       "Hosted-API reference price, output tokens.", m)
+        # The same series the Router records per finished request; the replica adds the compute of
+        # requests aborted by their client (the Router is gone by then). Tenants: from the Router.
+        self.cost = _counter("mistral_serve_cost_usd", "Compute-seconds of requests x GPU $/s.",
+                             ("model_name", "tenant"))
         for c in (self.preemptions, self.prompt_tokens, self.generation_tokens, self.busy, self.idle, self.idle_cost):
             _prime(c, self.tags)
         for reason in ("stop", "length", "abort"):
@@ -145,6 +149,10 @@ class EngineMetrics:
     def add(self, counter, value: float) -> None:
         if value > 0:
             counter.inc(value, tags=self.tags)
+
+    def bill_aborted(self, tenant: str, cost_usd: float) -> None:
+        if cost_usd > 0:
+            self.cost.inc(cost_usd, tags={**self.tags, "tenant": tenant})
 
     def finished(self, reason: str, metrics) -> None:
         """One finished request (``RequestMetrics`` or None for an abort we did not see end)."""
@@ -167,7 +175,7 @@ class EngineMetrics:
 class RouterMetrics:
     """Recorded by each Router replica: admission, in-flight, latency, tokens and cost by tenant."""
 
-    def __init__(self, model_name: str, tenants: Iterable[str]) -> None:
+    def __init__(self, model_name: str, tenants: Iterable[str], soft_context_policy: str | None = None) -> None:
         self.model = model_name
         self.admitted = _counter("mistral_serve_router_requests_admitted", "Requests that passed admission.",
                                  ("model_name", "tenant"))
@@ -186,6 +194,8 @@ class RouterMetrics:
         self.in_flight.set(0, tags={"model_name": model_name})
         for tenant in tenants:
             _prime(self.admitted, {"model_name": model_name, "tenant": tenant})
+            if soft_context_policy:
+                _prime(self.soft_context, {"model_name": model_name, "tenant": tenant, "policy": soft_context_policy})
 
     def admit(self, tenant: str) -> None:
         self.admitted.inc(1, tags={"model_name": self.model, "tenant": tenant})

@@ -11,8 +11,8 @@ validated. The replica answers with few, fat messages, because each message cros
 - non-streaming requests: one message at the first token (the Router's queue timeout needs
   to know the request started) and one at the end.
 
-Cancelling the call (client disconnect, router deadline) cancels the pump task that owns the
-engine stream, which aborts the request in the engine and frees its KV blocks.
+Cancelling the call (client disconnect, router deadline) aborts the request in the engine,
+which frees its KV blocks at once and returns the compute it used, billed to its tenant.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from mistral_serve.serving.cost import BusyIdleMeter, request_cost_usd
 
 logger = logging.getLogger("ray.serve")
 
+ABORT_TIMEOUT_S = 2.0  # an abort resolves within one engine step; a wedged engine never answers
+
 
 class _Accumulator:
     """Merges engine deltas of one request into one outgoing message."""
@@ -50,6 +52,7 @@ class _Accumulator:
         self.metrics = None
         self.finished = False
         self.prompt_tokens = 0
+        self.aborted = None  # the engine's final output of a request we aborted
 
     def add(self, item) -> None:
         if isinstance(item, BaseException):
@@ -141,42 +144,39 @@ class LLMReplica:
         stream = bool(req.get("stream"))
         acc = _Accumulator(params.logprobs, self.tokenizer)
         outputs = self.engine.generate(req["prompt_token_ids"], params, rid, req.get("priority", 0))
-        if stream and self.interval_s > 0:
-            messages = self._coalesced(outputs, acc)
-        else:
-            messages = self._first_and_final(outputs, acc, stream)
+        messages = self._messages(rid, outputs, acc, stream)
         self._ongoing += 1
+        failed = False
         try:
             async for msg in messages:
                 yield msg
         except RequestError as exc:
+            failed = True
             yield {"error": {"status": 400, "message": str(exc), "reason": _request_error_reason(str(exc))}}
         except EngineDeadError as exc:
+            failed = True
             yield {"error": {"status": 503, "message": f"The model replica failed: {exc}", "reason": "no_replica"}}
         finally:
             self._ongoing -= 1
-            # No-ops when finished; on a disconnect or deadline (Serve cancels this call, or closes
-            # it at a yield) they abort the engine request, which frees its KV blocks at once.
+            # No-ops when finished. On a disconnect or deadline (Serve cancels this call, or
+            # closes it at a yield) _messages aborts the request in the engine, which frees its KV
+            # blocks at once and returns the compute used so far: billed to the tenant here, as
+            # the Router is gone by then.
             await messages.aclose()
             await outputs.aclose()
-            if not acc.finished and self.metrics is not None:
+            if not acc.finished and not failed and self.metrics is not None:
                 self.metrics.finished("abort", None)
+                aborted = acc.aborted
+                if aborted is not None and aborted.metrics is not None and req.get("tenant"):
+                    self.metrics.bill_aborted(req["tenant"], request_cost_usd(aborted.metrics.compute_seconds,
+                                                                              self.price))
 
-    async def _first_and_final(self, outputs, acc: _Accumulator, every: bool):
-        """Non-streaming (or interval 0): the first message, then the final one (or every delta)."""
-        first = True
-        async for out in outputs:
-            acc.add(out)
-            if acc.finished:
-                yield self._final(acc)
-                return
-            if first or every:
-                first = False
-                yield acc.take()
-
-    async def _coalesced(self, outputs, acc: _Accumulator):
-        """Streaming: the first token at once, then at most one message per interval. A pump
-        task owns the engine stream so that waiting out the interval never cancels it."""
+    async def _messages(self, rid: str, outputs, acc: _Accumulator, stream: bool):
+        """Messages of one request. Streaming: the first token at once, then at most one message
+        per interval. Non-streaming: the first token (the Router's start signal), then the final
+        message. A pump task owns the engine stream so that neither waiting out the interval nor
+        our own cancellation cancels it: on an early exit we abort the request ourselves first,
+        which returns its final output (its compute), then stop the pump."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -190,12 +190,13 @@ class LLMReplica:
                 queue.put_nowait(exc)
 
         task = loop.create_task(pump())
+        coalesce = stream and self.interval_s > 0
         first, last_sent = True, 0.0
         try:
             while True:
                 acc.add(await queue.get())
                 _drain(queue, acc)
-                if not acc.finished and not first:
+                if coalesce and not acc.finished and not first:
                     wait = last_sent + self.interval_s - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
@@ -203,12 +204,16 @@ class LLMReplica:
                 if acc.finished:
                     yield self._final(acc)
                     return
-                first = False
-                last_sent = loop.time()
-                yield acc.take()
+                if first or stream:
+                    first = False
+                    last_sent = loop.time()
+                    yield acc.take()
         finally:
             if not task.done():
-                task.cancel()  # aborts the engine request and frees its KV blocks
+                if not acc.finished and self._failed is None:
+                    with contextlib.suppress(Exception):  # a wedged engine must not hold us here
+                        acc.aborted = await asyncio.wait_for(self.engine.abort(rid), ABORT_TIMEOUT_S)
+                task.cancel()  # (if still running) aborts the request without waiting
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 

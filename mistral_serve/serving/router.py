@@ -8,6 +8,7 @@ the handler; the ticket's cleanup cancels the replica call, which aborts the eng
 """
 
 import asyncio
+import contextvars
 import dataclasses
 import json
 import logging
@@ -189,7 +190,8 @@ class Router:
         try:
             from mistral_serve.serving.metrics import RouterMetrics
 
-            self.metrics = RouterMetrics(self.model_name, sorted(self.limits))
+            self.metrics = RouterMetrics(self.model_name, sorted(self.limits),
+                                         adm.soft_context_policy if adm.soft_max_context_tokens else None)
         except Exception:  # noqa: BLE001 - metrics must never keep the router from serving
             logger.exception("Router: metrics disabled")
         self._poll_task = asyncio.get_running_loop().create_task(self._status_loop())
@@ -320,6 +322,7 @@ class Router:
                 "sampling": dataclasses.asdict(params),
                 "stream": bool(req.stream),
                 "priority": self.limits.get(tenant, Limits()).priority,
+                "tenant": tenant,  # the replica bills compute of requests aborted by their client
             }
             ticket.request_id = payload["request_id"]
             if self.adm.log_prompts:
@@ -404,11 +407,14 @@ class Router:
     async def _shared_refund(self, tenant: str, tokens: int) -> None:
         try:
             await self.state.refund.remote(tenant, tokens)
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("refund to AdmissionState failed (%s); refunding this router's share", type(exc).__name__)
             self.local_limiter.refund(tenant, tokens)
 
     def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        # A fresh context: not the request's, whose cancellation (client gone) Serve propagates
+        # to every handle call made in it, which would cancel this refund too.
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -641,6 +647,8 @@ class Router:
     async def _status_loop(self) -> None:
         while True:
             await self._poll_status()
+            if self.metrics:  # re-export: Ray drops a gauge not refreshed for two export intervals
+                self.metrics.set_in_flight(self.in_flight)
             await asyncio.sleep(self.args.router.status_poll_interval_s)
 
     async def _poll_status(self) -> None:
