@@ -44,6 +44,23 @@ def test_streams_match_offline_results(engine, tiny_model_dir):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
+def test_non_streaming_mode_sends_first_and_merged_final(engine):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+
+    async def collect(stream):
+        return [o async for o in engine.generate("Tell me a story", params, f"ns-{stream}", stream=stream)]
+
+    streamed = run(collect(True))
+    whole = run(collect(False))
+    assert len(streamed) == 30 and len(whole) == 2
+    assert len(whole[0].outputs[0].token_ids) == 1 and whole[1].finished
+    first, rest = whole
+    first.merge(rest)
+    assert first.outputs[0].token_ids == [t for o in streamed for t in o.outputs[0].token_ids]
+    assert first.outputs[0].text == "".join(o.outputs[0].text for o in streamed)
+    assert engine._held == {}
+
+
 def test_abort_frees_blocks_at_once(engine):
     async def scenario():
         gen = engine.generate("a long story", SamplingParams(max_tokens=500, ignore_eos=True), "to-abort")

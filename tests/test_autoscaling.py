@@ -318,9 +318,10 @@ def test_replicas_follow_the_queue_up_and_down(live_server):
         up = sampler.wait_for(lambda s: s["running"] >= MAX_REPLICAS, UP_DEADLINE_S)
         result["seconds_to_max_replicas"] = round(up, 1) if up is not None else None
         assert up is not None, f"did not reach {MAX_REPLICAS} replicas in {UP_DEADLINE_S}s: {sampler.samples[-8:]}"
+        t_up = time.monotonic() - t0
         time.sleep(3.0)  # served at max for a moment: the count holds while the queue stays deep
-        heavy_tail = [s for s in sampler.samples if s["phase"] == "heavy"][-4:]
-        assert all(s["running"] == MAX_REPLICAS for s in heavy_tail), heavy_tail
+        heavy_tail = [s for s in sampler.samples if s["phase"] == "heavy" and s["t"] >= t_up]
+        assert heavy_tail and all(s["running"] == MAX_REPLICAS for s in heavy_tail), heavy_tail
         result["heavy_phase_s"] = round(time.monotonic() - t_heavy, 1)
 
         # Drain: stop the clients (in-flight requests finish), then wait for the downscale.
