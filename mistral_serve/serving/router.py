@@ -173,6 +173,7 @@ class Router:
         self.gate = QueueGate(adm.max_waiting_requests or 2 * self.args.max_num_seqs * (
             replicas if isinstance(replicas, int) else 1), adm.max_waiting_tokens, adm.retry_after_s)
         self.llm = llm
+        self._llm_stream = llm.options(stream=True)  # made once: options() builds a new handle
         self.state = state if adm.shared_state else None
         self._state_retry_at = 0.0
         self.draining = False
@@ -423,7 +424,7 @@ class Router:
         deadline = t0 + self.adm.request_timeout_s
         start_deadline = min(deadline, time.monotonic() + self.adm.queue_timeout_s)
         for attempt in range(1, START_ATTEMPTS + 1):
-            gen = self.llm.options(stream=True).generate.remote(payload)
+            gen = self._llm_stream.generate.remote(payload)
             try:
                 first = await self._next(gen, start_deadline, queued=True)
                 break
