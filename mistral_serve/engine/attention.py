@@ -30,7 +30,7 @@ class AttentionGroup:
     q_gather:   None for decode (one query per sequence, taken as they are); for prefill the
                 [S * Lq] flat rows that lay the queries out as [S, Lq] (padding → any row).
     kv_blocks:  [S * (Lk / block_size)] cache blocks holding the keys, sequence by sequence
-                (padding → block 0, whose slots are zero and always masked).
+                (padding → block 0: always finite, since it is zeroed before first use, and masked).
     mask:       additive float mask, [S, 1, 1, Lk] (decode) or [S, 1, G * Lq, Lk] (prefill).
     out_select: None for decode; for prefill the [token_end - token_start] positions of the
                 real queries inside the padded [S * Lq] output.
