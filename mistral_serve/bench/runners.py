@@ -14,6 +14,13 @@ from mistral_serve.bench.workload import Workload
 WARMUP_REQUESTS = 8
 
 
+def _pass_requests(workload: Workload, warmup: bool) -> Workload:
+    """What one pass submits: a short head of the workload to warm up, else all of it. Every runner
+    counts completions against this slice, never against a constant, so a workload shorter than the
+    warm-up size cannot leave a runner waiting for requests it never sent."""
+    return workload.head(WARMUP_REQUESTS) if warmup else workload
+
+
 class OursRunner:
     name = "mistral-serve"
     notes = "continuous batching, paged KV, chunked prefill"
@@ -26,9 +33,8 @@ class OursRunner:
     def run(self, workload: Workload, warmup: bool = False) -> RunResult:
         from mistral_serve import SamplingParams
 
-        prompts, max_tokens = workload.prompt_token_ids, workload.max_tokens
-        if warmup:
-            prompts, max_tokens = prompts[:WARMUP_REQUESTS], max_tokens[:WARMUP_REQUESTS]
+        requests = _pass_requests(workload, warmup)
+        prompts, max_tokens = requests.prompt_token_ids, requests.max_tokens
         params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
         start = time.perf_counter()
         outs = self.llm.generate(prompts, params)
@@ -63,8 +69,8 @@ class HFStaticRunner:
     def run(self, workload: Workload, warmup: bool = False) -> RunResult:
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        n = WARMUP_REQUESTS if warmup else len(workload)
-        prompts, max_tokens = workload.prompt_token_ids[:n], workload.max_tokens[:n]
+        requests = _pass_requests(workload, warmup)
+        n, prompts, max_tokens = len(requests), requests.prompt_token_ids, requests.max_tokens
         step_times: list[float] = []
 
         class StepClock(LogitsProcessor):
@@ -98,6 +104,7 @@ class HFContinuousRunner:
 
     name = "hf-cb"
     notes = "transformers continuous batching (sdpa, 160 blocks, 1024 batch tokens)"
+    stall_timeout_s = 120.0  # a benchmark fails loudly rather than waiting forever on a stuck manager
 
     def __init__(self, model_dir: Path) -> None:
         self.model = _hf_model(model_dir)
@@ -105,8 +112,8 @@ class HFContinuousRunner:
     def run(self, workload: Workload, warmup: bool = False) -> RunResult:
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        n = WARMUP_REQUESTS if warmup else len(workload)
-        prompts, max_tokens = workload.prompt_token_ids[:n], workload.max_tokens[:n]
+        requests = _pass_requests(workload, warmup)
+        n, prompts, max_tokens = len(requests), requests.prompt_token_ids, requests.max_tokens
         gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(max_tokens), eos_token_id=-1)
         # Explicit sizes: the defaults size the cache from free RAM and build a ~4 GB dense mask on CPU.
         cb_config = ContinuousBatchingConfig(num_blocks=160, max_batch_tokens=1024)
@@ -117,12 +124,17 @@ class HFContinuousRunner:
         ) as manager:
             for i, (p, m) in enumerate(zip(prompts, max_tokens)):
                 manager.add_request(p, request_id=str(i), max_new_tokens=m, record_timestamps=True)
+            last_progress = time.perf_counter()
             while len(results) < n:
                 out = manager.get_result(timeout=1)
-                if out is not None and out.is_finished():
-                    results[out.request_id] = out
-                elif out is None and not manager.is_running():
+                if out is not None:
+                    last_progress = time.perf_counter()
+                    if out.is_finished():
+                        results[out.request_id] = out
+                elif not manager.is_running():
                     raise RuntimeError("transformers continuous batching stopped before finishing")
+                elif time.perf_counter() - last_progress > self.stall_timeout_s:
+                    raise RuntimeError(f"transformers continuous batching made no progress for {self.stall_timeout_s} s")
         wall = time.perf_counter() - start
         outs = [results[str(i)] for i in range(n)]
         for o, m in zip(outs, max_tokens):

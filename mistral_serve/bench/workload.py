@@ -29,6 +29,10 @@ class Workload:
     def __len__(self) -> int:
         return len(self.max_tokens)
 
+    def head(self, n: int) -> "Workload":
+        """The first ``n`` requests (all of them when there are fewer), for warm-up passes."""
+        return Workload(self.prompt_token_ids[:n], self.max_tokens[:n], f"{self.source}[:{n}]")
+
 
 def synthetic_workload(n: int = 64, seed: int = 0) -> Workload:
     """The recipe behind workload-64.json: numpy default_rng(seed); prompt lengths U[16, 256],
