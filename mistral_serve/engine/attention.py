@@ -2,13 +2,14 @@
 
 A step's tokens are one flat ragged batch: linear layers, RoPE and the KV-cache write run on
 all T tokens at once with no padding. Attention itself needs each query to see only its own
-sequence's keys, so the step's sequences are split into two groups, each one SDPA call per
-layer: *decode* (one query per sequence; these come first in the flat batch) and *prefill*
-(chunks of several queries). Within a group, keys are gathered from the cache whole blocks at
-a time through the block tables (one ``index_select`` of contiguous block rows, many times
-faster than gathering slot by slot) and padded to the group's longest block range; an
-additive mask carries causality, the sliding window and the padding. Gather indices and
-masks are built once per step (``AttentionMetadata``) and reused by every layer.
+sequence's keys, so the step is split into groups, each one SDPA call per layer: all *decode*
+sequences together (one query each; they come first in the flat batch), then each *prefill*
+chunk on its own (its queries are contiguous rows, so nothing is padded). Keys are gathered
+from the cache whole blocks at a time through the block tables (one ``index_select`` of
+contiguous block rows, many times faster than gathering slot by slot), padded to the group's
+longest block range; an additive mask carries causality, the sliding window and the padding.
+Gather indices and masks are built once per step (``AttentionMetadata``) and reused by every
+layer.
 
 GQA without copying K/V: the queries of the ``G = heads / kv_heads`` heads that share a KV
 head are folded into the query-length axis, so a KV head is read once per group of queries.
@@ -24,16 +25,12 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionGroup:
-    """Sequences whose queries are attended together in one SDPA call.
+    """Queries attended together in one SDPA call: S decode sequences (Lq = 1) or one prefill
+    chunk (S = 1); either way the contiguous rows [token_start, token_end) of the flat batch.
 
-    The group's queries are the contiguous rows [token_start, token_end) of the flat batch.
-    q_gather:   None for decode (one query per sequence, taken as they are); for prefill the
-                [S * Lq] flat rows that lay the queries out as [S, Lq] (padding → any row).
     kv_blocks:  [S * (Lk / block_size)] cache blocks holding the keys, sequence by sequence
                 (padding → block 0: always finite, since it is zeroed before first use, and masked).
-    mask:       additive float mask, [S, 1, 1, Lk] (decode) or [S, 1, G * Lq, Lk] (prefill).
-    out_select: None for decode; for prefill the [token_end - token_start] positions of the
-                real queries inside the padded [S * Lq] output.
+    mask:       additive float mask, [S, 1, 1, Lk] (decode) or [1, 1, G * Lq, Lk] (prefill).
     """
 
     token_start: int
@@ -41,10 +38,8 @@ class AttentionGroup:
     num_seqs: int
     q_len: int
     k_len: int
-    q_gather: torch.Tensor | None
     kv_blocks: torch.Tensor
     mask: torch.Tensor
-    out_select: torch.Tensor | None
 
 
 @dataclass
@@ -96,23 +91,20 @@ def build_group(
     key_pos = first_block[:, None] * block_size + torch.arange(lk, device=device)[None, :]  # [S, Lk]
     key_valid = key_pos < ctx_end[:, None]
 
-    q_ar = torch.arange(lq, device=device)[None, :]
-    q_valid = q_ar < q_len[:, None]  # [S, Lq]
-    q_pos = q_start[:, None] + q_ar
+    if s > 1 and lq > 1:
+        raise ValueError("a group is either decode sequences (one query each) or a single prefill chunk")
+    q_pos = q_start[:, None] + torch.arange(lq, device=device)[None, :]  # [S, Lq]
     allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])
     if sliding_window is not None:
         allowed &= key_pos[:, None, :] > q_pos[:, :, None] - sliding_window
     token_end = token_start + int(q_len.sum())
-    if lq == 1:  # decode: one [S, 1, 1, Lk] mask broadcasts over the folded heads
-        mask = _additive(allowed[:, None], dtype)
-        return AttentionGroup(token_start, token_end, s, 1, lk, None, kv_blocks, mask, None)
-    # Padding queries attend to key 0 so no row is fully masked (softmax would give NaN).
-    allowed |= (~q_valid)[:, :, None] & (torch.arange(lk, device=device) == 0)[None, None, :]
-    folded = allowed[:, None, None].expand(s, 1, groups_per_kv, lq, lk).reshape(s, 1, groups_per_kv * lq, lk)
-    offsets = torch.cumsum(q_len, 0) - q_len
-    q_gather = torch.where(q_valid, token_start + offsets[:, None] + q_ar, token_start).flatten()
-    out_select = q_valid.flatten().nonzero().flatten()
-    return AttentionGroup(token_start, token_end, s, lq, lk, q_gather, kv_blocks, _additive(folded, dtype), out_select)
+    # Fold the G query heads that share a KV head into the query axis: [S, 1, G * Lq, Lk]
+    # (for decode, Lq = 1 and the [S, 1, 1, Lk] mask broadcasts over the folded heads).
+    if lq == 1:
+        folded = allowed[:, None]
+    else:
+        folded = allowed[:, None, None].expand(s, 1, groups_per_kv, lq, lk).reshape(s, 1, groups_per_kv * lq, lk)
+    return AttentionGroup(token_start, token_end, s, lq, lk, kv_blocks, _additive(folded, dtype))
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -133,16 +125,14 @@ def paged_attention(
     block_rows = k_cache.view(-1, row), v_cache.view(-1, row)
     g = num_heads // num_kv_heads
     out = torch.empty_like(q)
-    for grp in meta.groups:  # at most two: decode and prefill
+    for grp in meta.groups:  # the decode batch, then one per prefill chunk
         s, lq, lk = grp.num_seqs, grp.q_len, grp.k_len
         rows = q[grp.token_start : grp.token_end]
-        if grp.q_gather is not None:
-            rows = q.index_select(0, grp.q_gather)
         # [S, Lq, KVH, G, D] -> [S, KVH, G*Lq, D]: fold the query heads sharing a KV head.
         qg = rows.view(s, lq, num_kv_heads, g, head_dim).permute(0, 2, 3, 1, 4).reshape(s, num_kv_heads, g * lq, head_dim)
         k = block_rows[0].index_select(0, grp.kv_blocks).view(s, lk, num_kv_heads, head_dim).transpose(1, 2)
         v = block_rows[1].index_select(0, grp.kv_blocks).view(s, lk, num_kv_heads, head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=grp.mask, scale=scale)
         o = o.view(s, num_kv_heads, g, lq, head_dim).permute(0, 3, 1, 2, 4).reshape(s * lq, num_heads, head_dim)
-        out[grp.token_start : grp.token_end] = o if grp.out_select is None else o.index_select(0, grp.out_select)
+        out[grp.token_start : grp.token_end] = o
     return out

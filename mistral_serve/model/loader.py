@@ -18,6 +18,9 @@ from safetensors import safe_open
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.decoder import DecoderModel
 
+# Column blocks of the vocabulary projection on CPU: ~2 MiB each fits a core's L2 slice with room
+# for the activations (see DecoderModel.block_lm_head).
+CPU_LM_HEAD_BLOCK_BYTES = 2 << 20
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
 
 
@@ -130,5 +133,5 @@ def load_model(
     model.rope.build_tables(device)
     with torch.no_grad():
         load_weights(model, model_dir)
-        model.transpose_lm_head()
+        model.block_lm_head(CPU_LM_HEAD_BLOCK_BYTES if device.type == "cpu" else None)
     return model.eval().requires_grad_(False)
