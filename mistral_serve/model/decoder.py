@@ -98,7 +98,6 @@ class DecoderModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.lm_head_blocks: list[torch.Tensor] = []  # set by block_lm_head at load time
 
     def forward(
         self,
@@ -112,30 +111,4 @@ class DecoderModel(nn.Module):
             x = layer(x, kv_cache, meta)
         # Only the last token of each sequence that samples this step needs the vocab projection.
         x = self.norm(x[logits_index])
-        if not self.lm_head_blocks:
-            return self.lm_head(x).float()
-        logits = torch.empty(x.shape[0], self.config.vocab_size, dtype=x.dtype, device=x.device)
-        col = 0
-        for block in self.lm_head_blocks:
-            torch.mm(x, block, out=logits[:, col : col + block.shape[1]])
-            col += block.shape[1]
-        return logits.float()
-
-    def block_lm_head(self, block_bytes: int | None) -> None:
-        """Keep the (untied) vocabulary projection as [hidden, vocab] column blocks for ``mm``.
-
-        The projection is the largest GEMM of a decode step and, at decode batch sizes, bound
-        by how BLAS streams its weight. Pre-transposed [hidden, vocab] is about 3× faster than
-        [vocab, hidden] for one row on CPU (1.4 vs 4.3 ms for 1×256×32768 float32 on 2 cores);
-        cutting it into column blocks of ~``block_bytes`` that fit in the core's cache is
-        another 1.3-1.6× at 16-64 rows (measured interleaved: 64 rows 11.9 → 9.1 ms, 36 rows
-        9.4 → 6.4 ms). ``None`` keeps one block (GPUs: one large GEMM is best). Tied weights stay
-        shared with the embedding instead (no second copy).
-        """
-        if self.config.tie_word_embeddings:
-            return
-        weight = self.lm_head.weight.detach()
-        hidden = weight.shape[1]
-        cols = weight.shape[0] if block_bytes is None else max(128, block_bytes // (hidden * weight.element_size()))
-        self.lm_head_blocks = [weight[i : i + cols].t().contiguous() for i in range(0, weight.shape[0], cols)]
-        del self.lm_head
+        return self.lm_head(x).float()

@@ -16,11 +16,9 @@ import torch
 from safetensors import safe_open
 
 from mistral_serve.model.config import ModelConfig
+from mistral_serve.model.cpu_linear import can_pack, pack_linear_layers
 from mistral_serve.model.decoder import DecoderModel
 
-# Column blocks of the vocabulary projection on CPU: ~2 MiB each fits a core's L2 slice with room
-# for the activations (see DecoderModel.block_lm_head).
-CPU_LM_HEAD_BLOCK_BYTES = 2 << 20
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
 
 
@@ -133,5 +131,7 @@ def load_model(
     model.rope.build_tables(device)
     with torch.no_grad():
         load_weights(model, model_dir)
-        model.block_lm_head(CPU_LM_HEAD_BLOCK_BYTES if device.type == "cpu" else None)
+    if can_pack(device, dtype):
+        # The tied head stays shared with the embedding table rather than packing a second copy.
+        pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set())
     return model.eval().requires_grad_(False)

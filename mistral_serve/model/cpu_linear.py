@@ -1,0 +1,50 @@
+"""Linear layers for CPU inference with weights pre-packed once into oneDNN's blocked layout.
+
+``F.linear`` on CPU goes to MKL's sgemm, which re-packs the weight into its internal panel
+format on every call; at decode batch sizes (one row per running sequence) that repacking is a
+large share of the step. oneDNN's matmul with a weight reordered ahead of time skips it: on 2
+cores, float32, measured interleaved, with results equal to within float32 rounding (max error
+vs a float64 reference 3.5e-6, MKL's 2.1e-6):
+
+- vocabulary projection 256→32768: 64 rows 9.4 → 5.6 ms, 8 rows 3.9 → 1.5 ms, against the best
+  MKL layout found (weight pre-transposed and cut into cache-sized column blocks; plain
+  F.linear is slower still, 16 ms at 64 rows);
+- layer GEMMs (256→1536, 768→256, 256→384) at 64 and 2,048 rows: 1.1-1.4× faster than F.linear.
+
+This is the kernel vLLM's CPU backend uses for its linear layers. The op is the one PyTorch's
+own compiler (Inductor, ``freezing``) emits for CPU linear layers; it exists in every x86 build
+of the pinned torch. float16 needs CPU features (AVX512-FP16) this machine kind lacks, so only
+float32 and bfloat16 weights are packed; anything else keeps ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class PackedLinear(nn.Module):
+    """A bias-free ``nn.Linear`` replacement holding only the packed weight (no second copy)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
+
+
+def pack_linear_layers(model: nn.Module, skip: set[nn.Module] = frozenset()) -> None:
+    """Swap every bias-free ``nn.Linear`` under ``model`` (except those in ``skip``) for a
+    ``PackedLinear`` built from its weight, in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None and child not in skip:
+                setattr(parent, name, PackedLinear(child.weight))
