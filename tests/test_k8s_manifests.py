@@ -17,6 +17,9 @@ them all; a check skips, naming the tool, only when it is missing):
   GPU_MAY_DIFFER; every config validates against the app's typed args and the
   deployment options (replica bounds, CPUs/GPUs per replica, shutdown) are
   what the application builder really produces from it.
+- graceful drain: every pod has a preStop hook, and its grace period covers the
+  preStop, Ray's SIGTERM drain, which outlasts the Router's request deadline, and
+  every deployment's graceful shutdown.
 """
 from __future__ import annotations
 
@@ -469,6 +472,60 @@ def test_pods_secure_and_resourced(overlay):
     if overlay == "gpu-production":
         pvc = one(build(overlay), "PersistentVolumeClaim", "mistral-serve-model-cache")
         assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
+# After its drain Ray stops its processes (allow_graceful): time left for that before SIGKILL.
+RAY_STOP_MARGIN_S = 10
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_graceful_drain_outlasts_the_request_deadline(overlay):
+    """A removed pod finishes its in-flight requests (docs/kubernetes.md, "Drain"). The kubelet
+    runs preStop (create the Routers' drain file, so new requests get 503 + Retry-After and /ready
+    fails, then a short sleep, so endpoints and load balancers drop the pod first), then sends
+    SIGTERM; `ray start --block` then drains its Ray node for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:
+    Serve moves the node's replicas elsewhere and stops them gracefully, at the latest at the
+    drain deadline minus their graceful_shutdown_timeout_s. So, per pod:
+    drain > the Router's request deadline, every deployment's graceful shutdown <= drain
+    (hence <= grace period - preStop), and grace period >= preStop + drain + stop margin."""
+    need_module("jsonschema", "jsonschema")
+    from mistral_serve.serving.config import AppArgs
+
+    rs = rayservice(overlay)
+    assert not crd_errors(rs), crd_errors(rs)
+    serve_cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    (app,) = serve_cfg["applications"]
+    admission = AppArgs.model_validate(app["args"]).admission
+    request_deadline, drain_file = admission.request_timeout_s, admission.drain_file
+    assert drain_file and drain_file.startswith("/tmp/"), drain_file  # /tmp is a writable emptyDir
+    shutdowns = {  # Serve's defaults: 20 s timeout, 2 s wait loop
+        name: d.get("graceful_shutdown_timeout_s", 20) + d.get("graceful_shutdown_wait_loop_s", 2)
+        for name, d in effective_deployments(serve_cfg).items()
+    }
+    templates = pod_templates(rs)
+    assert set(templates) == {"head", "llm-workers"}
+    for group, template in templates.items():
+        spec = template["spec"]
+        (container,) = spec["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["sh", "-c"] and len(command) == 3, (group, command)
+        touch, sleep = (part.split() for part in command[2].split("&&"))
+        # The drain file first (Routers then answer 503 + Retry-After and /ready fails), then the sleep.
+        assert touch == ["touch", drain_file], (group, command)
+        assert sleep[0] == "sleep", (group, command)
+        pre_stop = int(sleep[1])
+        drain = float({e["name"]: e.get("value") for e in container["env"]}[DRAIN_ENV])
+        grace = spec["terminationGracePeriodSeconds"]
+        assert 5 <= pre_stop <= 30, group
+        assert drain > request_deadline, (group, drain, request_deadline)
+        assert max(shutdowns.values()) <= drain, (group, shutdowns, drain)
+        assert shutdowns["LLMReplica"] <= grace - pre_stop, group
+        assert grace >= pre_stop + drain + RAY_STOP_MARGIN_S, (group, grace, pre_stop, drain)
+        assert grace > request_deadline, group
+    if overlay == "gpu-production":  # the GPU workers, whose requests are the long ones
+        worker = templates["llm-workers"]["spec"]["containers"][0]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and worker["lifecycle"]["preStop"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

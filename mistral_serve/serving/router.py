@@ -109,6 +109,22 @@ def _sse_line(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+def _serve_request_id(request: Request) -> str:
+    """The id of this request as Ray Serve's HTTP proxy knows it: the client's ``x-request-id``
+    if it sent one, else one the proxy made. The proxy adds it as ``x-request-id`` to every
+    response and Serve stamps it on its log records and on our handle calls to LLMReplica, so our
+    logs use it too, and the Router never sets that header itself (a second value would reach
+    the client). Ray has no public getter for it (2.60): the private request context first,
+    then the header the proxy put on the request, then a fresh id outside Serve (unit tests)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+    except (ImportError, AttributeError):
+        rid = ""
+    return rid or request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
 # ---- shared tenant buckets ----------------------------------------------------------------------
 
 
@@ -148,7 +164,8 @@ class _Ticket:
     generated: int = 0
     cost_usd: float | None = None
     finished: bool = False
-    request_id: str = ""
+    request_id: str = ""  # the engine's request id, also the response body's ``id`` (unique, ours)
+    serve_request_id: str = ""  # Serve's / the client's x-request-id (_serve_request_id), for logs
     prompt_log: str | None = None  # only with admission.log_prompts (redacted)
     completion_log: list[str] | None = None
 
@@ -280,6 +297,7 @@ class Router:
 
     async def _serve(self, request: Request, chat: bool) -> Response:
         t0 = time.monotonic()
+        serve_request_id = _serve_request_id(request)
         tenant: str | None = None
         ticket: _Ticket | None = None
         response: Response | None = None
@@ -326,6 +344,7 @@ class Router:
                 "tenant": tenant,  # the replica bills compute of requests aborted by their client
             }
             ticket.request_id = payload["request_id"]
+            ticket.serve_request_id = serve_request_id
             if self.adm.log_prompts:
                 ticket.prompt_log = redact(self.tokenizer.decode(ids, skip_special_tokens=False))
                 ticket.completion_log = []
@@ -398,8 +417,9 @@ class Router:
                 self.local_limiter.refund(ticket.tenant, unused)
         self.in_flight -= 1
         if ticket.prompt_log is not None:
-            logger.info("request %s tenant=%s finished=%s prompt=%r completion=%r", ticket.request_id, ticket.tenant,
-                        ticket.finished, ticket.prompt_log, redact("".join(ticket.completion_log or [])))
+            logger.info("request %s id=%s tenant=%s finished=%s prompt=%r completion=%r", ticket.serve_request_id,
+                        ticket.request_id, ticket.tenant, ticket.finished, ticket.prompt_log,
+                        redact("".join(ticket.completion_log or [])))
         if self.metrics:
             self.metrics.set_in_flight(self.in_flight)
             if ticket.started:
@@ -434,8 +454,9 @@ class Router:
                 if (not getattr(exc, "retryable", False) or attempt == START_ATTEMPTS
                         or time.monotonic() + backoff >= start_deadline):
                     raise
-                logger.warning("request %s: replica failed before the first token (%s); retrying on another "
-                               "replica (attempt %d)", payload["request_id"], exc.message, attempt + 1)
+                logger.warning("request %s id=%s: replica failed before the first token (%s); retrying on another "
+                               "replica (attempt %d)", ticket.serve_request_id, payload["request_id"], exc.message,
+                               attempt + 1)
                 await asyncio.sleep(backoff)
             except BaseException:
                 gen.cancel()
@@ -447,8 +468,8 @@ class Router:
             # If the response is never iterated (client gone before it starts), the generator's
             # finally never runs: release the ticket and cancel the call when it is collected.
             weakref.finalize(body, self._abandon, gen, ticket)
-            return StreamingResponse(body, media_type="text/event-stream",
-                                     headers={"x-request-id": rid, "cache-control": "no-cache"})
+            # No x-request-id here or below: Serve's proxy adds it (_serve_request_id).
+            return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
         texts, lps, msg = [], [], first
         try:
             while True:
@@ -470,7 +491,7 @@ class Router:
         else:
             out = completion_response(rid, self.model_name, created, "".join(texts), msg["finish_reason"],
                                       completion_logprobs(lps) if want_lp else None, usage)
-        return JSONResponse(out, headers={"x-request-id": rid, "x-request-cost-usd": f"{ticket.cost_usd or 0:.12f}"})
+        return JSONResponse(out, headers={"x-request-cost-usd": f"{ticket.cost_usd or 0:.12f}"})
 
     async def _next(self, gen, deadline: float, queued: bool = False) -> dict:
         """The next replica message within the deadline, errors mapped to AdmissionError."""
