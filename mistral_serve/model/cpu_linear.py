@@ -11,6 +11,11 @@ vs a float64 reference 3.5e-6, MKL's 2.1e-6):
   F.linear is slower still, 16 ms at 64 rows);
 - layer GEMMs (256→1536, 768→256, 256→384) at 64 and 2,048 rows: 1.1-1.4× faster than F.linear.
 
+The MLP's gate/up projection also fuses its activation into the matmuls (oneDNN post-ops):
+gate with ``swish`` (= SiLU), up with a ``mul`` by that result, so silu(gate) * up never makes
+extra passes over [tokens, 2 × intermediate] tensors: 1.8× faster at 8,855 rows (a whole
+prefill of the shared workload), 1.15-1.3× at 64-2,048 rows.
+
 This is the kernel vLLM's CPU backend uses for its linear layers. The op is the one PyTorch's
 own compiler (Inductor, ``freezing``) emits for CPU linear layers; it exists in every x86 build
 of the pinned torch. float16 needs CPU features (AVX512-FP16) this machine kind lacks, so only
@@ -37,14 +42,38 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 
 
+class PackedSiluGateUp(nn.Module):
+    """silu(x W_gate^T) * (x W_up^T) from a fused [2 × intermediate, hidden] gate/up weight, as two
+    packed matmuls whose post-ops apply the SiLU and the product."""
+
+    def __init__(self, gate_up_weight: torch.Tensor) -> None:
+        super().__init__()
+        gate, up = gate_up_weight.detach().chunk(2, dim=0)
+        self.register_buffer("packed_gate", torch.ops.mkldnn._reorder_linear_weight(gate.contiguous(), None))
+        self.register_buffer("packed_up", torch.ops.mkldnn._reorder_linear_weight(up.contiguous(), None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.ops.mkldnn._linear_pointwise(x, self.packed_gate, None, "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.packed_up, None, "mul")
+
+
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
 
 
-def pack_linear_layers(model: nn.Module, skip: set[nn.Module] = frozenset()) -> None:
-    """Swap every bias-free ``nn.Linear`` under ``model`` (except those in ``skip``) for a
-    ``PackedLinear`` built from its weight, in place."""
+def pack_linear_layers(
+    model: nn.Module,
+    skip: set[nn.Module] = frozenset(),
+    silu_gate_up: type[nn.Linear] | None = None,
+) -> None:
+    """Swap, in place, every bias-free plain ``nn.Linear`` under ``model`` (except those in
+    ``skip``) for a ``PackedLinear``, and every module of type ``silu_gate_up`` (a fused gate/up
+    projection whose forward returns silu(gate) * up) for a ``PackedSiluGateUp``."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None and child not in skip:
+            if not isinstance(child, nn.Linear) or child.bias is not None or child in skip:
+                continue
+            if silu_gate_up is not None and isinstance(child, silu_gate_up):
+                setattr(parent, name, PackedSiluGateUp(child.weight))
+            elif type(child) is nn.Linear:
                 setattr(parent, name, PackedLinear(child.weight))

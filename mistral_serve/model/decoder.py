@@ -60,16 +60,24 @@ class Attention(nn.Module):
         return self.o_proj(out.view(t, self.q_size))
 
 
+class SiluGateUp(nn.Linear):
+    """The fused gate/up projection ([2 × intermediate, hidden]); calling it returns
+    silu(gate) * up. The activation lives with the projection so a backend can fuse the two
+    (``cpu_linear.PackedSiluGateUp``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = super().forward(x).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.gate_up_proj = SiluGateUp(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class DecoderLayer(nn.Module):

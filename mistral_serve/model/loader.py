@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.cpu_linear import can_pack, pack_linear_layers
-from mistral_serve.model.decoder import DecoderModel
+from mistral_serve.model.decoder import DecoderModel, SiluGateUp
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
 
@@ -133,5 +133,6 @@ def load_model(
         load_weights(model, model_dir)
     if can_pack(device, dtype):
         # The tied head stays shared with the embedding table rather than packing a second copy.
-        pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set())
+        pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set(),
+                           silu_gate_up=SiluGateUp)
     return model.eval().requires_grad_(False)
