@@ -194,6 +194,47 @@ def test_queue_gate_share_and_retry_after_estimate():
     assert 1 <= gate.retry_after() < 30
 
 
+def test_queue_gate_time_bound_follows_the_start_rate():
+    """With max_wait_s the queue holds what starts within that time at the recent rate, and a
+    stall (nothing starting) reads as a falling rate, so the bound tightens."""
+    clock = Clock()
+    gate = QueueGate(max_requests=1000, max_tokens=None, clock=clock, max_wait_s=2.0)
+    assert all(gate.try_enter(1).ok for _ in range(50))  # no start seen yet: only the count bound
+    for _ in range(100):  # 10 starts/s, one new arrival per start
+        clock.t += 0.1
+        gate.leave(1, started=True)
+        gate.try_enter(1)
+    while gate.waiting_requests:
+        gate.leave(1, started=False)
+    rate = gate.start_rate()
+    assert rate == pytest.approx(10.0)  # bias-corrected: no pull toward zero from the start
+    admitted = 0
+    while gate.try_enter(1).ok:
+        admitted += 1
+    assert abs(admitted - 2.0 * rate) <= 1  # (waiting + 1) / rate <= 2 s
+    d = gate.try_enter(1)
+    assert d.reason == "queue_full" and "wait about" in d.message and d.retry_after_s >= 1
+    gate.leave(1, started=False)
+    assert gate.try_enter(1).ok  # room again for one
+    gate.leave(1, started=False)
+    clock.t += 4.0  # nothing starts for 4 s: the rate reads <= 0.25/s
+    assert gate.start_rate() <= 0.25 and not gate.try_enter(1).ok
+
+
+def test_queue_gate_time_bound_ignores_light_load():
+    """Requests that start with nobody else waiting say nothing about capacity: after a light
+    load (or an idle minute) a burst is bounded by the count bound only."""
+    clock = Clock()
+    gate = QueueGate(max_requests=1000, max_tokens=None, clock=clock, max_wait_s=1.0)
+    for _ in range(20):  # one request every 2 s, each alone in the queue
+        assert gate.try_enter(1).ok
+        clock.t += 2.0
+        gate.leave(1, started=True)
+    clock.t += 60.0
+    assert gate.start_rate() == 0.0
+    assert all(gate.try_enter(1).ok for _ in range(200))
+
+
 # ---- context ----------------------------------------------------------------------------------------------
 
 

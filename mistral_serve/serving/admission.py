@@ -332,30 +332,53 @@ class QueueGate:
     """Admitted requests that have not produced their first token yet, in requests and prompt
     tokens: the work the replicas still have to start. Beyond either bound new requests are
     refused at once (429) with a ``Retry-After`` estimated from the rate at which waiting
-    requests have recently been starting. Bounds are this router replica's share."""
+    requests have recently been starting. Bounds are this router replica's share.
+
+    ``max_wait_s`` bounds the queue in time instead: a request that would wait longer than that
+    to start, at the recent start rate, is refused. Count bounds cannot keep a TTFT objective
+    when throughput moves (longer prompts, fewer replicas, a slower machine); this one follows it."""
 
     def __init__(self, max_requests: int | None, max_tokens: int | None, min_retry_after_s: float = 1.0,
-                 max_retry_after_s: float = 30.0, clock=time.monotonic) -> None:
+                 max_retry_after_s: float = 30.0, clock=time.monotonic, max_wait_s: float | None = None) -> None:
         self.max_requests = max_requests
         self.max_tokens = max_tokens
+        self.max_wait_s = max_wait_s
         self.share = 1.0
         self.min_retry_after_s = min_retry_after_s
         self.max_retry_after_s = max_retry_after_s
         self._clock = clock
         self.waiting_requests = 0
         self.waiting_tokens = 0
-        self._start_rate = 0.0  # EWMA of starts per second
-        self._last_start: float | None = None
+        # EWMA of starts per second, measured only while others wait (a backlog), so it reads the
+        # replicas' capacity, not the arrival rate of a light load.
+        # Bias-corrected (divided by the weight its observations carry), so the first
+        # observations are not pulled toward zero; the time bound waits for ~2.5 s of them.
+        self._start_rate = 0.0
+        self._rate_weight = 0.0
+        self._last_start = -math.inf
+        self._backlog_since = 0.0
 
     def _bound(self, value: int | None) -> float:
         return math.inf if value is None else max(1.0, value * self.share)
 
+    def start_rate(self) -> float:
+        """Recent starts per second under backlog; decays while a backlog sees nothing start, so
+        a stalled engine reads slow."""
+        measured = self._start_rate / self._rate_weight if self._rate_weight else 0.0
+        if not self.waiting_requests:
+            return measured
+        since = max(self._last_start, self._backlog_since)
+        return min(measured, 1.0 / max(self._clock() - since, 1e-3))
+
     def retry_after(self) -> float:
-        rate = self._start_rate
+        rate = self.start_rate()
         estimate = self.waiting_requests / rate if rate > 0 else self.max_retry_after_s
         return min(self.max_retry_after_s, max(self.min_retry_after_s, estimate))
 
-    def try_enter(self, prompt_tokens: int) -> Decision:
+    def refusal(self, prompt_tokens: int = 0) -> Decision | None:
+        """Why a request with this many prompt tokens would be refused now, else None. With the
+        default 0 it checks what does not depend on the request, so the Router can refuse before
+        reading and validating a body: under a flood, that work is what starves the engine."""
         if self.waiting_requests + 1 > self._bound(self.max_requests):
             return Decision(False, "queue_full",
                             f"The server is overloaded: {self.waiting_requests} requests are waiting to start. "
@@ -364,20 +387,36 @@ class QueueGate:
             return Decision(False, "queue_full",
                             f"The server is overloaded: {self.waiting_tokens} prompt tokens are waiting to start. "
                             "Retry later.", self.retry_after())
+        rate = self.start_rate()
+        if self.max_wait_s is not None and self.waiting_requests and rate > 0 and self._rate_weight >= 0.5 \
+                and (self.waiting_requests + 1) / rate > self.max_wait_s:
+            return Decision(False, "queue_full",
+                            f"The server is overloaded: a new request would wait about "
+                            f"{(self.waiting_requests + 1) / rate:.1f} s to start. Retry later.", self.retry_after())
+        return None
+
+    def try_enter(self, prompt_tokens: int) -> Decision:
+        refused = self.refusal(prompt_tokens)
+        if refused is not None:
+            return refused
+        if not self.waiting_requests:
+            self._backlog_since = self._clock()
         self.waiting_requests += 1
         self.waiting_tokens += prompt_tokens
         return Decision(True)
 
     def leave(self, prompt_tokens: int, started: bool) -> None:
         """The request started (first token) or ended before starting."""
+        backlog = self.waiting_requests > 1  # others were waiting while this one did
         self.waiting_requests = max(0, self.waiting_requests - 1)
         self.waiting_tokens = max(0, self.waiting_tokens - prompt_tokens)
         if started:
             now = self._clock()
-            if self._last_start is not None:
-                gap = max(now - self._last_start, 1e-3)
+            if backlog:
+                gap = max(now - max(self._last_start, self._backlog_since), 1e-3)
                 alpha = min(1.0, gap / 5.0)  # ~5 s memory
                 self._start_rate = (1 - alpha) * self._start_rate + alpha * (1.0 / gap)
+                self._rate_weight = (1 - alpha) * self._rate_weight + alpha
             self._last_start = now
 
 

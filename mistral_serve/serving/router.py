@@ -188,7 +188,8 @@ class Router:
         self.local_limiter = TenantLimiter(self.limits)
         replicas = self.args.replicas.num_replicas
         self.gate = QueueGate(adm.max_waiting_requests or 2 * self.args.max_num_seqs * (
-            replicas if isinstance(replicas, int) else 1), adm.max_waiting_tokens, adm.retry_after_s)
+            replicas if isinstance(replicas, int) else 1), adm.max_waiting_tokens, adm.retry_after_s,
+            max_wait_s=adm.max_queue_wait_s)
         self.llm = llm
         self._llm_stream = llm.options(stream=True)  # made once: options() builds a new handle
         self.state = state if adm.shared_state else None
@@ -248,6 +249,10 @@ class Router:
         tenant = None
         try:
             tenant = self._authenticate(request)
+            self._sync_gate_bound()
+            refused = self.gate.refusal()
+            if refused is not None:
+                refused.raise_if_rejected()
             body = await self._read_json(request)
             req = parse(TokenizeRequest, body)
             if req.model is not None and req.model != self.model_name:
@@ -307,6 +312,10 @@ class Router:
                 raise AdmissionError(503, "The server is draining; retry on another instance.", reason="draining",
                                      retry_after_s=self.adm.retry_after_s)
             tenant = self._authenticate(request)
+            self._sync_gate_bound()
+            refused = self.gate.refusal()
+            if refused is not None:
+                refused.raise_if_rejected()
             body = await self._read_json(request)
             req = parse(ChatCompletionRequest if chat else CompletionRequest, body)
             req.check()
@@ -366,9 +375,13 @@ class Router:
                 if self.metrics:
                     self.metrics.observe_latency(time.monotonic() - t0, response.status_code if response else 499)
 
-    async def _admit(self, tenant: str, prompt_tokens: int, reserve_tokens: int) -> _Ticket:
+    def _sync_gate_bound(self) -> None:
+        """The default waiting bound follows the ready replicas: two batches each."""
         if self.ready_replicas:
             self.gate.max_requests = self.adm.max_waiting_requests or 2 * self.args.max_num_seqs * self.ready_replicas
+
+    async def _admit(self, tenant: str, prompt_tokens: int, reserve_tokens: int) -> _Ticket:
+        self._sync_gate_bound()
         self.gate.try_enter(prompt_tokens).raise_if_rejected()
         try:
             decision, shared = await self._reserve(tenant, reserve_tokens)
