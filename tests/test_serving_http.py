@@ -368,6 +368,28 @@ def test_overload_rejects_with_retry_after_and_loses_nothing(live_server):
     assert all(b["usage"]["completion_tokens"] == 8 and b["choices"][0]["finish_reason"] == "length" for b in ok)
 
 
+def test_full_queue_refuses_before_reading_the_body(live_server):
+    """While the waiting queue is full the Router answers 429 before it reads and validates a
+    body (under a flood that work is what starves the engine): a malformed body then gets 429,
+    and 400 again once the queue has room."""
+    body = {"model": live_server.model, "prompt": "Tell me a story", "max_tokens": 64, "ignore_eos": True}
+    n = 24  # > running capacity (2 replicas x 4) + MAX_WAITING (8); 64 tokens hold the slots for seconds
+    with cf.ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(_post, live_server, "/v1/completions", body, None, None, 180) for _ in range(n)]
+        first = next(cf.as_completed(futures))
+        assert first.result().status_code == 429, first.result().text
+        bad = [_post(live_server, "/v1/completions", None, raw=b"{not json") for _ in range(3)]
+        statuses = [f.result().status_code for f in futures]
+    assert set(statuses) <= {200, 429} and 200 in statuses, statuses
+    assert {r.status_code for r in bad} <= {400, 429}, [(r.status_code, r.text) for r in bad]
+    full = [r for r in bad if r.status_code == 429]
+    assert full, [r.text for r in bad]
+    for r in full:
+        _assert_error_body(r, 429, "rate_limit_error")
+        assert "waiting to start" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1
+    _assert_error_body(_post(live_server, "/v1/completions", None, raw=b"{not json"), 400, "invalid_request_error")
+
+
 def _replica_stats(live) -> dict[str, dict]:
     """Each LLMReplica's own report (its ``record_routing_stats``), read from every replica
     actor directly: a request through a handle would always go to the least loaded one."""

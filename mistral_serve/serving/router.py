@@ -249,10 +249,6 @@ class Router:
         tenant = None
         try:
             tenant = self._authenticate(request)
-            self._sync_gate_bound()
-            refused = self.gate.refusal()
-            if refused is not None:
-                refused.raise_if_rejected()
             body = await self._read_json(request)
             req = parse(TokenizeRequest, body)
             if req.model is not None and req.model != self.model_name:
