@@ -63,6 +63,17 @@ def test_k8s_serve_config_args_validate():
                 AppArgs.model_validate(app["args"])
 
 
+def test_serve_flags_map_into_app_args():
+    from mistral_serve.serving.cli import build_args, parse_args
+
+    args = build_args(parse_args(["--max-num-seqs", "16", "--max-queue-wait-s", "1.5",
+                                  "--args", '{"admission": {"max_body_bytes": 2048}}']))
+    parsed = AppArgs.model_validate(args)
+    assert parsed.max_num_seqs == 16
+    assert parsed.admission.max_queue_wait_s == 1.5 and parsed.admission.max_body_bytes == 2048
+    assert AppArgs.model_validate(build_args(parse_args([]))).admission.max_queue_wait_s is None
+
+
 def test_deployment_options():
     from mistral_serve.serving.app import deployment_options
 

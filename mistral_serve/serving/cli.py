@@ -45,6 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--gpu-price-usd-per-hour", type=float, default=None)
     p.add_argument("--api-keys-file", default=None, help="'tenant:key' lines (enables auth)")
+    p.add_argument("--max-queue-wait-s", type=float, default=None,
+                   help="refuse (429) requests that would wait longer than this to start (your TTFT objective)")
     p.add_argument("--args", default=None,
                    help="JSON (or @file.json / @file.yaml) with build_app args, merged under the flags above")
     p.add_argument("--metrics-port", type=int, default=None, help="Ray's Prometheus metrics port (default: free)")
@@ -91,6 +93,8 @@ def build_args(a: argparse.Namespace) -> dict:
         args.setdefault("cost", {})["gpu_price_usd_per_hour"] = a.gpu_price_usd_per_hour
     if a.api_keys_file:
         args.setdefault("admission", {})["api_keys_file"] = a.api_keys_file
+    if a.max_queue_wait_s is not None:
+        args.setdefault("admission", {})["max_queue_wait_s"] = a.max_queue_wait_s
     return args
 
 
