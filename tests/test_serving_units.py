@@ -207,6 +207,41 @@ def test_queue_depth_ranking():
     assert queue_depth({"capacity": 4, "ongoing": 2}, None, 10) == 0.5
 
 
+def test_retry_avoids_the_replica_that_failed_it():
+    """A retried request lists the replica that failed it; that replica ranks last even while its
+    routing stats still say it is healthy and idle, and is used only when nothing else is left."""
+    import asyncio
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from mistral_serve.serving.request_router import AVOID_REPLICAS_KEY, LeastQueueDepthRouter
+
+    replica_id = namedtuple("ReplicaID", "unique_id")  # hashable, like Serve's
+
+    def replica(uid: str, ongoing: int):
+        return SimpleNamespace(replica_id=replica_id(uid), max_ongoing_requests=8,
+                               routing_stats={"capacity": 4, "ongoing": ongoing, "failed": False})
+
+    victim, busy = replica("victim", 0), replica("busy", 3)
+    class Ranking(LeastQueueDepthRouter):  # only the ranking, without Serve's wiring
+        replica_queue_len_cache: dict = {}
+        candidates: list = []
+
+        def apply_locality_routing(self, _pending):
+            return {r.replica_id for r in self.candidates}
+
+    router = object.__new__(Ranking)
+
+    def ranking(candidates, payload):
+        router.candidates = candidates
+        pending = SimpleNamespace(args=[payload], kwargs={})
+        return [r[0].replica_id.unique_id for r in asyncio.run(router.choose_replicas(candidates, pending))]
+
+    assert ranking([victim, busy], {"request_id": "a"}) == ["victim", "busy"]  # idle wins
+    assert ranking([victim, busy], {"request_id": "a", AVOID_REPLICAS_KEY: ["victim"]}) == ["busy", "victim"]
+    assert ranking([victim], {"request_id": "a", AVOID_REPLICAS_KEY: ["victim"]}) == ["victim"]
+
+
 # ---- metric names are exactly docs/metrics.md's -----------------------------------------------------------
 
 

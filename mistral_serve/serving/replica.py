@@ -132,7 +132,7 @@ class LLMReplica:
         rid = req["request_id"]
         if self._failed is not None:
             yield {"error": {"status": 503, "message": f"The model replica failed: {self._failed}",
-                             "reason": "no_replica"}}
+                             "reason": "no_replica", "replica": _replica_id()}}
             return
         if self._recent_prompts is not None:
             self._recent_prompts.append((rid, list(req["prompt_token_ids"])))
@@ -155,7 +155,8 @@ class LLMReplica:
             yield {"error": {"status": 400, "message": str(exc), "reason": _request_error_reason(str(exc))}}
         except EngineDeadError as exc:
             failed = True
-            yield {"error": {"status": 503, "message": f"The model replica failed: {exc}", "reason": "no_replica"}}
+            yield {"error": {"status": 503, "message": f"The model replica failed: {exc}", "reason": "no_replica",
+                             "replica": _replica_id()}}
         finally:
             self._ongoing -= 1
             # No-ops when finished. On a disconnect or deadline (Serve cancels this call, or

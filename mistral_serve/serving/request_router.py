@@ -12,13 +12,17 @@ replicas by
 
 where ``ongoing`` is the caller's fresh queue-length cache (updated on every send and probe),
 falling back to the reported value, and send to the best one that still has a free slot
-(``max_ongoing_requests``); the base class probes and backs off as usual.
+(``max_ongoing_requests``); the base class probes and backs off as usual. A request the Router
+retries after a replica failed it lists that replica in its payload, which then ranks last.
 """
 
 from __future__ import annotations
 
 import math
 import random
+
+# Payload key of the replica ids a retried request must avoid (set by the Router).
+AVOID_REPLICAS_KEY = "avoid_replicas"
 
 from ray.serve.request_router import FIFOMixin, LocalityMixin, PendingRequest, RequestRouter, RunningReplica
 
@@ -45,5 +49,15 @@ class LeastQueueDepthRouter(FIFOMixin, LocalityMixin, RequestRouter):
             return []
         random.shuffle(replicas)  # ties go to a random replica
         cache = self.replica_queue_len_cache
-        replicas.sort(key=lambda r: queue_depth(r.routing_stats, cache.get(r.replica_id), r.max_ongoing_requests))
+        avoid = avoided_replicas(pending_request)
+        replicas.sort(key=lambda r: (r.replica_id.unique_id in avoid,
+                                     queue_depth(r.routing_stats, cache.get(r.replica_id), r.max_ongoing_requests)))
         return [[r] for r in replicas]
+
+
+def avoided_replicas(pending_request: PendingRequest | None) -> set[str]:
+    """Replica ids a retried request must not go back to (the Router's payload lists the ones
+    that failed it), unless nothing else is left."""
+    args = pending_request.args if pending_request is not None else ()
+    payload = args[0] if args and isinstance(args[0], dict) else {}
+    return set(payload.get(AVOID_REPLICAS_KEY, ()))

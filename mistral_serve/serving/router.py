@@ -53,6 +53,7 @@ from mistral_serve.serving.openai_protocol import (
     usage_dict,
 )
 from mistral_serve.serving.redact import redact
+from mistral_serve.serving.request_router import AVOID_REPLICAS_KEY
 from mistral_serve.serving.tenants import build_tenants
 from mistral_serve.tokenizer import load_tokenizer
 
@@ -99,9 +100,11 @@ def _json_body(model) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-def _retryable(err: AdmissionError) -> AdmissionError:
-    """Marks a replica failure: safe to send again elsewhere while nothing reached the client."""
+def _retryable(err: AdmissionError, replica: str | None = None) -> AdmissionError:
+    """Marks a replica failure: safe to send again elsewhere while nothing reached the client.
+    ``replica``: the failed replica's id when it said so, for the retry to avoid it."""
     err.retryable = True
+    err.failed_replica = replica
     return err
 
 
@@ -466,6 +469,11 @@ class Router:
                 logger.warning("request %s id=%s: replica failed before the first token (%s); retrying on another "
                                "replica (attempt %d)", ticket.serve_request_id, payload["request_id"], exc.message,
                                attempt + 1)
+                if getattr(exc, "failed_replica", None):
+                    # Until its failure reaches every caller's routing stats, the failed replica
+                    # (idle, so it looks least loaded) would win the retry: request_router.py ranks
+                    # the replicas named here last.
+                    payload.setdefault(AVOID_REPLICAS_KEY, []).append(exc.failed_replica)
                 await asyncio.sleep(backoff)
             except BaseException:
                 gen.cancel()
@@ -538,7 +546,7 @@ class Router:
             err = AdmissionError(e["status"], e["message"], reason=e["reason"],
                                  code="context_length_exceeded" if e["reason"] == "context_length" else None,
                                  retry_after_s=self.adm.retry_after_s if e["status"] >= 500 else None)
-            raise _retryable(err) if e["reason"] == "no_replica" else err
+            raise _retryable(err, e.get("replica")) if e["reason"] == "no_replica" else err
         return msg
 
     def _abandon(self, gen, ticket: _Ticket) -> None:
