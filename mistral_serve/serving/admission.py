@@ -387,12 +387,13 @@ class QueueGate:
             return Decision(False, "queue_full",
                             f"The server is overloaded: {self.waiting_tokens} prompt tokens are waiting to start. "
                             "Retry later.", self.retry_after())
+        if self.max_wait_s is None or not self.waiting_requests or self._rate_weight < 0.5:
+            return None
         rate = self.start_rate()
-        if self.max_wait_s is not None and self.waiting_requests and rate > 0 and self._rate_weight >= 0.5 \
-                and (self.waiting_requests + 1) / rate > self.max_wait_s:
-            return Decision(False, "queue_full",
-                            f"The server is overloaded: a new request would wait about "
-                            f"{(self.waiting_requests + 1) / rate:.1f} s to start. Retry later.", self.retry_after())
+        wait = (self.waiting_requests + 1) / rate if rate > 0 else 0.0
+        if wait > self.max_wait_s:
+            return Decision(False, "queue_full", f"The server is overloaded: a new request would wait about "
+                                                 f"{wait:.1f} s to start. Retry later.", self.retry_after())
         return None
 
     def try_enter(self, prompt_tokens: int) -> Decision:

@@ -311,7 +311,6 @@ class Router:
                 raise AdmissionError(503, "The server is draining; retry on another instance.", reason="draining",
                                      retry_after_s=self.adm.retry_after_s)
             tenant = self._authenticate(request)
-            self._sync_gate_bound()
             refused = self.gate.refusal()
             if refused is not None:
                 refused.raise_if_rejected()
@@ -375,12 +374,12 @@ class Router:
                     self.metrics.observe_latency(time.monotonic() - t0, response.status_code if response else 499)
 
     def _sync_gate_bound(self) -> None:
-        """The default waiting bound follows the ready replicas: two batches each."""
+        """The default waiting bound follows the ready replicas (two batches each); set where the
+        status poll learns their number, which is the only place it changes."""
         if self.ready_replicas:
             self.gate.max_requests = self.adm.max_waiting_requests or 2 * self.args.max_num_seqs * self.ready_replicas
 
     async def _admit(self, tenant: str, prompt_tokens: int, reserve_tokens: int) -> _Ticket:
-        self._sync_gate_bound()
         self.gate.try_enter(prompt_tokens).raise_if_rejected()
         try:
             decision, shared = await self._reserve(tenant, reserve_tokens)
@@ -701,6 +700,7 @@ class Router:
             deps = app.deployments
             if LLM_DEPLOYMENT in deps:
                 self.ready_replicas = int(deps[LLM_DEPLOYMENT].replica_states.get("RUNNING", 0))
+                self._sync_gate_bound()
             if ROUTER_DEPLOYMENT in deps:
                 self.num_routers = max(1, int(deps[ROUTER_DEPLOYMENT].replica_states.get("RUNNING", 0)))
                 share = 1.0 / self.num_routers
