@@ -371,28 +371,41 @@ def test_overload_rejects_with_retry_after_and_loses_nothing(live_server):
 def test_full_queue_refuses_before_reading_the_body(live_server):
     """While the waiting queue is full the Router answers 429 before it reads and validates a
     body (under a flood that work is what starves the engine): a malformed body then gets 429,
-    and 400 again once the queue has room."""
-    body = {"model": live_server.model, "prompt": "Tell me a story", "max_tokens": 64, "ignore_eos": True}
-    n = 24  # > running capacity (2 replicas x 4) + MAX_WAITING (8); 64 tokens hold the slots for seconds
-    bad = []
-    with cf.ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(_post, live_server, "/v1/completions", body, None, None, 180) for _ in range(n)]
-        deadline = time.monotonic() + 60
-        while not all(f.done() for f in futures) and time.monotonic() < deadline:
-            bad.append(_post(live_server, "/v1/completions", None, raw=b"{not json"))
-            if bad[-1].status_code == 429:
-                break
-            time.sleep(0.02)
-        results = [f.result() for f in futures]
-    statuses = [r.status_code for r in results]
-    assert set(statuses) <= {200, 429} and 200 in statuses, statuses
-    assert {r.status_code for r in bad} <= {400, 429}, [(r.status_code, r.text) for r in bad]
-    full = [r for r in bad if r.status_code == 429]
-    assert full, ([r.json()["error"]["message"] for r in results if r.status_code == 429], len(bad))
-    for r in full:
-        _assert_error_body(r, 429, "rate_limit_error")
-        assert "waiting to start" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1
-    _assert_error_body(_post(live_server, "/v1/completions", None, raw=b"{not json"), 400, "invalid_request_error")
+    and 400 again once the queue has room. A one-slot app makes "full" deterministic: request A
+    runs, request B waits behind it, and the queue holds one."""
+    from ray import serve
+    from ray_fixtures import deploy_app, fault_server_args
+
+    args = fault_server_args()
+    args["engine"]["max_num_seqs"] = 1
+    args["replicas"].update(num_replicas=1, test_hooks=False)
+    args["admission"].update(max_waiting_requests=1, log_prompts=False)
+    app = deploy_app(live_server, "onequeue", args, ready_replicas=1)
+    try:
+        router = serve.get_deployment_handle("Router", "onequeue")
+        long = {"model": app.model, "prompt": "Tell me a story", "max_tokens": 480, "ignore_eos": True}
+        def wait_until(in_flight: int, waiting: int) -> None:
+            deadline = time.monotonic() + 30
+            while True:
+                snap = router.admission_snapshot.remote().result(timeout_s=10)
+                if snap["in_flight"] == in_flight and snap["waiting_requests"] == waiting:
+                    return
+                assert time.monotonic() < deadline and not any(c.done() for c in calls), snap
+                time.sleep(0.05)
+
+        with cf.ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(_post, app, "/v1/completions", long, None, None, 180)]
+            wait_until(in_flight=1, waiting=0)  # A started: it holds the only engine slot for seconds
+            calls.append(pool.submit(_post, app, "/v1/completions", long, None, None, 180))
+            wait_until(in_flight=2, waiting=1)  # B waits behind A: the queue (one) is full
+            full = _post(app, "/v1/completions", None, raw=b"{not json")
+            statuses = [c.result().status_code for c in calls]
+        assert statuses == [200, 200], statuses
+        _assert_error_body(full, 429, "rate_limit_error")
+        assert "waiting to start" in full.json()["error"]["message"] and int(full.headers["retry-after"]) >= 1
+        _assert_error_body(_post(app, "/v1/completions", None, raw=b"{not json"), 400, "invalid_request_error")
+    finally:
+        serve.delete("onequeue", _blocking=True)
 
 
 def _replica_stats(live) -> dict[str, dict]:
