@@ -18,16 +18,24 @@ prefill of the shared workload), 1.15-1.3× at 64-2,048 rows.
 
 This is the kernel vLLM's CPU backend uses for its linear layers. The op is the one PyTorch's
 own compiler (Inductor, ``freezing``) emits for CPU linear layers; it exists in every x86 build
-of the pinned torch. float16 needs CPU features (AVX512-FP16) this machine kind lacks, so only
-float32 and bfloat16 weights are packed; anything else keeps ``nn.Linear``.
+of the pinned torch. Which dtypes oneDNN can pack depends on the CPU, not on the build: bfloat16 needs AVX-512
+(BW/VL/DQ) or AVX-NE-CONVERT, float16 AVX512-FP16 or AVX-NE-CONVERT, and machines of this
+project's kind come with either an Intel Xeon (AVX-512) or an AMD EPYC (AVX2 only), where
+packing a bf16 weight raises. ``can_pack`` therefore asks oneDNN itself, once per dtype, by
+packing a tiny weight; a dtype it refuses keeps plain ``nn.Linear`` (ATen's own kernels, which
+run every dtype on every x86 CPU), with one warning. ``ONEDNN_MAX_CPU_ISA=AVX2`` reproduces
+an AVX2-only CPU on an AVX-512 one (tests/test_cpu_linear.py).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import nn
 
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+logger = logging.getLogger(__name__)
 
 
 class PackedLinear(nn.Module):
@@ -58,7 +66,19 @@ class PackedSiluGateUp(nn.Module):
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
+    """Whether linear layers of ``dtype`` on ``device`` get oneDNN-packed weights."""
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and _onednn_packs(dtype)
+
+
+@functools.cache
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), None)
+        return True
+    except RuntimeError as exc:
+        logger.warning("oneDNN cannot pack %s weights on this CPU (%s); using plain linear layers", dtype,
+                       str(exc).splitlines()[0])
+        return False
 
 
 def pack_linear_layers(

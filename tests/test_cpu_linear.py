@@ -1,0 +1,46 @@
+"""oneDNN weight packing falls back to plain linear layers on CPUs that cannot pack a dtype.
+
+Machines of this project's kind come with AVX-512 (Intel) or AVX2 only (AMD); on the latter,
+packing bf16/fp16 weights raises. ``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN behave as on an
+AVX2-only CPU, so the fallback is exercised whatever CPU runs the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from mistral_serve import LLM, SamplingParams
+    from mistral_serve.model.cpu_linear import PackedLinear, can_pack
+    dtype = sys.argv[2]
+    llm = LLM(sys.argv[1], dtype=dtype, kv_cache_memory_bytes=16 << 20, num_threads=1)
+    model = llm.engine.runner.model
+    packed = any(isinstance(m, PackedLinear) for m in model.modules())
+    out = llm.generate([[1, 1782, 6333, 1117]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    ids = out[0].outputs[0].token_ids
+    assert len(ids) == 8, ids
+    print("PACKED" if packed else "PLAIN", can_pack(torch.device("cpu"), getattr(torch, dtype)))
+""")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_runs_when_onednn_cannot_pack(tiny_model_dir, dtype) -> None:
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir), dtype], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["PLAIN", "False"], proc.stdout
+
+
+def test_float32_is_packed_on_avx2(tiny_model_dir) -> None:
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir), "float32"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["PACKED", "True"], proc.stdout
