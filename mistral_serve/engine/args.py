@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -27,7 +28,15 @@ class EngineArgs(BaseModel):
         None, gt=0, description="KV pool size; default on CPU: 1 GiB; on CUDA derived from gpu_memory_utilization"
     )
     enable_chunked_prefill: bool = True
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: all cores)")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads on CPU (default: every core this process may run on)")
+
+    def cpu_threads(self) -> int:
+        """The intra-op threads the engine sets on CPU. Set explicitly, never left to torch's
+        default: that follows ``OMP_NUM_THREADS``, which Ray sets to an actor's ``num_cpus``
+        (1 for an LLMReplica), so a served engine ran on one thread where the offline one ran
+        on two."""
+        return self.num_threads or len(os.sched_getaffinity(0))
 
     def torch_dtype(self, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":

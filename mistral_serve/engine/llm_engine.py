@@ -40,8 +40,8 @@ class LLMEngine:
         self.config = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         device = args.torch_device()
-        if device.type == "cpu" and args.num_threads:
-            torch.set_num_threads(args.num_threads)
+        if device.type == "cpu":
+            torch.set_num_threads(args.cpu_threads())
         self.dtype = args.torch_dtype(self.config.torch_dtype, device)
         self.max_model_len = min(args.max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
