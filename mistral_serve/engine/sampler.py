@@ -1,16 +1,45 @@
-"""Batched sampling with per-request parameters.
+"""Batched sampling with per-request parameters, without per-row tensor work.
 
-All rows are processed together; each transformation runs only on the rows that asked for
-it (penalties, min_tokens, temperature, top-k/top-p/min-p). Random draws use the
-exponential-race form of categorical sampling (argmax p/E with E ~ Exp(1)): a seeded
-request draws its E from its own generator, one draw per generated token, so its samples
-do not depend on what else is in the batch or on preemptions.
+One pass over ``seqs`` gathers every request's parameters into per-row columns; each stage
+then runs once for the rows that asked for it (rows that do not use a feature skip it):
+
+* penalties read each request's :class:`~mistral_serve.engine.sequence.PenaltyState`, a
+  dense ``seen`` mask (repetition) and output-token counts (presence/frequency) that the
+  sequence updates by one scalar write per appended token. Per step the penalised rows are
+  stacked into one [N_pen, V] array and applied with a few vectorised ops. Dense beats
+  keeping token-id tensors and scatter-adding them every step: that costs O(context) per
+  row per step (1M adds at batch 64 with 16K contexts) where the dense form costs O(V)
+  with no scatter, and the incremental update is O(1) per token.
+* min_tokens: one indexed write of -inf at every (row, stop id) pair still suppressed.
+* top-k (without top-p): the k-th largest value of each row from one partial selection
+  with the batch's largest k (``np.partition`` / ``torch.topk``), no sort; tokens below it
+  are masked. top-p (and top-k with it): one value sort of only the rows using top-p; the
+  nucleus cut-off (the last token whose better tokens hold < p, after the row's top-k) is
+  found in sorted space and applied as a threshold, so no scatter back to vocab order.
+  Exact ties with the cut-off value are all kept (the old sort/scatter kept an arbitrary
+  subset of them); rows with top_p == 1 no longer pass through the nucleus arithmetic.
+* min-p: ``probs < min_p * max(probs)`` zeroed on the rows that set it.
+* draws: a seeded request keeps the exponential race ``argmax(p / E)`` with ``E ~ Exp(1)``
+  drawn from its own generator (V draws per token, one per generated token as before), so
+  its tokens do not depend on the batch or on preemptions; its noise goes into one host
+  buffer, copied to the device once. Unseeded rows use one batched draw of one uniform per
+  row from torch's global generator and inverse-CDF sampling (a float64 cumulative sum and
+  a batched search): exact for the same categorical distribution, and ~V times fewer
+  random numbers than the race (exponential draws of [64, 32768] cost ~100 ms on 2 cores).
+* logprobs: raw log-probabilities (before penalties, temperature and filters, as vLLM) for
+  the rows that asked, the chosen token's and the top-k with the batch's largest k, turned
+  into Python once.
+
+On the CPU the stages run in NumPy on zero-copy views: torch's CPU kernels on this kind of
+machine are several times slower for these shapes (sort of [64, 32768]: 370 ms vs 22 ms;
+``torch.where``: 90 ms vs 40 ms). Other devices run the same stages in torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mistral_serve.engine.sequence import Sequence
@@ -25,27 +54,49 @@ class SampleResult:
 
 @torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-    """Choose one token per row of ``logits`` [N, V] (float32) for the matching ``seqs``."""
-    want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-    raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+    """Choose one token per row of ``logits`` [N, V] (float32) for the matching ``seqs``.
 
-    _apply_penalties(logits, seqs)
-    _suppress_stop_before_min_tokens(logits, seqs)
-    chosen = argmax_rows(logits)
-    sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if sampled_rows:
-        chosen[sampled_rows] = _sample_rows(logits[sampled_rows], [seqs[i] for i in sampled_rows])
-    token_ids = chosen.tolist()
+    ``logits`` may be modified in place."""
+    n, vocab = logits.shape
+    params = [s.params for s in seqs]
+    lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    pen_rows = [i for i, p in enumerate(params) if p.uses_penalties]
+    min_tok_rows = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens and s.stop_ids]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not (lp_rows or pen_rows or min_tok_rows or sampled):
+        return SampleResult(argmax_rows(logits).tolist(), [None] * n)
 
-    logprobs: list[dict[int, float] | None] = [None] * len(seqs)
-    if raw_logprobs is not None:
-        for row_in_lp, row in enumerate(want_logprobs):
-            lp = raw_logprobs[row_in_lp]
-            k = seqs[row].params.logprobs
-            entry = {token_ids[row]: float(lp[token_ids[row]])}
+    be = _NumpyBackend() if logits.device.type == "cpu" else _TorchBackend(logits.device)
+    x = be.array(logits)
+
+    raw_lp = _raw_logprob_stats(be, x, lp_rows, max(params[i].logprobs for i in lp_rows)) if lp_rows else None
+    if pen_rows:
+        _apply_penalties(be, x, [seqs[i] for i in pen_rows], pen_rows, vocab)
+    if min_tok_rows:
+        rows = [r for r in min_tok_rows for _ in seqs[r].stop_ids]
+        cols = [t for r in min_tok_rows for t in seqs[r].stop_ids]
+        x[be.index(rows), be.index(cols)] = float("-inf")
+
+    chosen = be.argmax(x) if len(sampled) < n else None
+    if sampled:
+        picked = _sample_rows(be, x if len(sampled) == n else x[be.index(sampled)], [seqs[i] for i in sampled])
+        if chosen is None:
+            chosen = picked
+        else:
+            chosen[be.index(sampled)] = picked
+    token_ids = be.tolist(chosen)
+
+    logprobs: list[dict[int, float] | None] = [None] * n
+    if raw_lp is not None:
+        row_max_lse, top_vals, top_ids = raw_lp
+        raw_rows, shift = row_max_lse
+        picked_vals = be.tolist(be.take_rows(raw_rows, be.index([token_ids[r] for r in lp_rows])) - shift[:, 0])
+        top_vals, top_ids = be.tolist(top_vals), be.tolist(top_ids)
+        for j, row in enumerate(lp_rows):
+            k = params[row].logprobs
+            entry = {token_ids[row]: picked_vals[j]}
             if k:
-                values, ids = lp.topk(k)
-                entry.update(zip(ids.tolist(), values.tolist()))
+                entry.update(zip(top_ids[j][:k], top_vals[j][:k]))
             logprobs[row] = entry
     return SampleResult(token_ids, logprobs)
 
@@ -61,53 +112,99 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
-def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+# ---- stages -------------------------------------------------------------------------------
+
+
+def _raw_logprob_stats(be, x, rows: list[int], kmax: int):
+    """From the raw logits, before anything modifies them: the rows' raw logits (a copy),
+    their log-sum-exp shift, and the top-``kmax`` raw logprobs (descending) with their ids."""
+    raw = x[be.index(rows)]  # a copy: later stages write into x
+    shift = be.logsumexp(raw)
+    top_vals = top_ids = None
+    if kmax:
+        top_vals, top_ids = be.topk(raw, kmax)
+        top_vals = top_vals - shift
+    return (raw, shift), top_vals, top_ids
+
+
+def _apply_penalties(be, x, seqs: list[Sequence], rows: list[int], vocab: int) -> None:
     """OpenAI presence/frequency penalties over generated tokens; HF repetition penalty over
     prompt + generated tokens (positive logits divided, negative multiplied)."""
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if not p.uses_penalties:
-            continue
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
-            vals = logits[row, seen]
-            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
-            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
-            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    states = [s.penalty_state(vocab) for s in seqs]
+    rep = [j for j, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+    if rep:
+        idx = be.index([rows[j] for j in rep])
+        r = be.column([seqs[j].params.repetition_penalty for j in rep])
+        seen = be.stack([states[j].seen for j in rep])
+        vals = x[idx]
+        x[idx] = be.where(seen, be.where(vals > 0, vals / r, vals * r), vals)
+    pf = [j for j, s in enumerate(seqs)
+          if (s.params.presence_penalty or s.params.frequency_penalty) and s.num_output_tokens]
+    if pf:
+        idx = be.index([rows[j] for j in pf])
+        freq = be.column([seqs[j].params.frequency_penalty for j in pf])
+        pres = be.column([seqs[j].params.presence_penalty for j in pf])
+        counts = be.stack([states[j].output_counts for j in pf])
+        x[idx] -= freq * counts + pres * (counts > 0)
 
 
-def _suppress_stop_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    for row, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_tokens and seq.stop_ids:
-            logits[row, list(seq.stop_ids)] = float("-inf")
+def _sample_rows(be, x, seqs: list[Sequence]):
+    """Temperature, top-k/top-p, min-p and one draw per row of ``x`` (may write into ``x``)."""
+    params = [s.params for s in seqs]
+    vocab = x.shape[1]
+    x = be.div_(x, be.column([p.temperature for p in params]))
+    _top_k_top_p_rows(be, x, [p.top_k for p in params], [p.top_p for p in params])
+    probs = be.softmax_(x)
+    mp_rows = [j for j, p in enumerate(params) if p.min_p > 0]
+    if mp_rows:
+        idx = be.index(mp_rows)
+        sub = probs[idx]
+        thr = be.column([params[j].min_p for j in mp_rows]) * be.amax(sub)
+        probs[idx] = be.where(sub < thr, 0.0, sub)
+
+    seeded = [j for j, s in enumerate(seqs) if s.generator is not None]
+    if not seeded:
+        return be.inverse_cdf(probs)
+    noise = torch.empty(len(seeded), vocab)
+    for j, row in enumerate(seeded):
+        noise[j].exponential_(generator=seqs[row].generator)
+    if len(seeded) == len(seqs):
+        return be.argmax(probs / be.array(noise))
+    chosen = be.zeros_long(len(seqs))
+    idx = be.index(seeded)
+    chosen[idx] = be.argmax(probs[idx] / be.array(noise))
+    unseeded = be.index([j for j in range(len(seqs)) if seqs[j].generator is None])
+    chosen[unseeded] = be.inverse_cdf(probs[unseeded])
+    return chosen
 
 
-def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=logits.device)
-    logits = logits / temps[:, None]
-    top_k = [s.params.top_k for s in seqs]
-    top_p = [s.params.top_p for s in seqs]
-    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-        logits = _top_k_top_p(logits, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    min_p = torch.tensor([s.params.min_p for s in seqs], dtype=probs.dtype, device=probs.device)
-    if bool((min_p > 0).any()):
-        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-        probs = torch.where(probs < threshold, 0.0, probs)
-    noise = torch.empty_like(probs)
-    unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
-    for i, s in enumerate(seqs):
-        if s.generator is not None:
-            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator).to(probs.device)
-    return argmax_rows(probs / noise)
+def _top_k_top_p_rows(be, x, top_k: list[int], top_p: list[float]) -> None:
+    """Mask to -inf, in place, everything outside each row's top-k and top-p nucleus."""
+    vocab = x.shape[1]
+    p_rows = [j for j, p in enumerate(top_p) if p < 1.0]
+    k_rows = [j for j, k in enumerate(top_k) if 0 < k < vocab and top_p[j] >= 1.0]
+    if k_rows:
+        idx = be.index(k_rows)
+        ks = [top_k[j] for j in k_rows]
+        sub = x[idx]
+        top = be.top_values(sub, max(ks))
+        cut = be.take_rows(top, be.index([k - 1 for k in ks]))[:, None]
+        x[idx] = be.where(sub < cut, float("-inf"), sub)
+    if p_rows:
+        idx = be.index(p_rows)
+        sub = x[idx]
+        desc = be.sort_desc(sub)
+        ks = be.column([top_k[j] if top_k[j] > 0 else vocab for j in p_rows], integer=True)
+        probs = be.softmax_(be.where(be.arange(vocab)[None, :] >= ks, float("-inf"), desc))
+        before = be.cumsum64(probs) - probs  # mass of strictly better tokens (a prefix < p is kept)
+        keep = be.count(before < be.column([top_p[j] for j in p_rows], dtype64=True))
+        cut = be.take_rows(desc, be.minimum(keep, ks[:, 0]) - 1)[:, None]
+        x[idx] = be.where(sub < cut, float("-inf"), sub)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Mask everything outside each row's top-k and its top-p nucleus to -inf."""
+    """Mask everything outside each row's top-k and its top-p nucleus to -inf (the reference
+    sort-and-scatter form, kept for tests and as documentation of the semantics)."""
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device)
@@ -119,3 +216,200 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     drop |= before >= p[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+# ---- array backends -----------------------------------------------------------------------
+
+
+class _NumpyBackend:
+    """CPU: NumPy on zero-copy views of the torch tensors."""
+
+    @staticmethod
+    def array(t: torch.Tensor) -> np.ndarray:
+        return t.contiguous().numpy()
+
+    @staticmethod
+    def index(ids: list[int]) -> np.ndarray:
+        return np.asarray(ids, dtype=np.int64)
+
+    @staticmethod
+    def column(values: list, integer: bool = False, dtype64: bool = False) -> np.ndarray:
+        dtype = np.int64 if integer else np.float64 if dtype64 else np.float32
+        return np.asarray(values, dtype=dtype)[:, None]
+
+    @staticmethod
+    def stack(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.stack(arrays)
+
+    @staticmethod
+    def tolist(a: np.ndarray) -> list:
+        return a.tolist()
+
+    where = staticmethod(np.where)
+    minimum = staticmethod(np.minimum)
+
+    @staticmethod
+    def arange(n: int) -> np.ndarray:
+        return np.arange(n)
+
+    @staticmethod
+    def zeros_long(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.int64)
+
+    @staticmethod
+    def argmax(x: np.ndarray) -> np.ndarray:
+        return x.argmax(axis=-1)
+
+    @staticmethod
+    def amax(x: np.ndarray) -> np.ndarray:
+        return x.max(axis=-1, keepdims=True)
+
+    @staticmethod
+    def count(mask: np.ndarray) -> np.ndarray:
+        return np.count_nonzero(mask, axis=-1)
+
+    @staticmethod
+    def take_rows(a: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return a[np.arange(a.shape[0]), cols]
+
+    @staticmethod
+    def div_(x: np.ndarray, col: np.ndarray) -> np.ndarray:
+        if x.flags.writeable:
+            np.divide(x, col, out=x)
+            return x
+        return x / col
+
+    @staticmethod
+    def softmax_(x: np.ndarray) -> np.ndarray:
+        """Row softmax, in place."""
+        np.subtract(x, x.max(axis=-1, keepdims=True), out=x)
+        np.exp(x, out=x)
+        x /= x.sum(axis=-1, keepdims=True)
+        return x
+
+    @staticmethod
+    def logsumexp(x: np.ndarray) -> np.ndarray:
+        m = x.max(axis=-1, keepdims=True)
+        return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+    @staticmethod
+    def sort_desc(x: np.ndarray) -> np.ndarray:
+        return np.sort(x, axis=-1)[:, ::-1]
+
+    @staticmethod
+    def top_values(x: np.ndarray, k: int) -> np.ndarray:
+        """The k largest values per row, descending (a partial selection, no sort)."""
+        vocab = x.shape[1]
+        return np.sort(np.partition(x, vocab - k, axis=-1)[:, vocab - k:], axis=-1)[:, ::-1]
+
+    @staticmethod
+    def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k largest values per row, descending, and their ids."""
+        vocab = x.shape[1]
+        if k < vocab:
+            ids = np.argpartition(x, vocab - k, axis=-1)[:, vocab - k:]
+        else:
+            ids = np.broadcast_to(np.arange(vocab), x.shape)
+        vals = np.take_along_axis(x, ids, axis=-1)
+        order = np.argsort(-vals, axis=-1, kind="stable")
+        return np.take_along_axis(vals, order, axis=-1), np.take_along_axis(ids, order, axis=-1)
+
+    @staticmethod
+    def cumsum64(x: np.ndarray) -> np.ndarray:
+        return np.cumsum(x, axis=-1, dtype=np.float64)
+
+    @staticmethod
+    def inverse_cdf(probs: np.ndarray) -> np.ndarray:
+        """One categorical draw per row (weights need not be normalised): one uniform per row
+        from torch's global generator, searched in the rows' float64 CDFs laid end to end."""
+        n, vocab = probs.shape
+        cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
+        cdf /= cdf[:, -1:]
+        offsets = np.arange(n, dtype=np.float64)
+        cdf += offsets[:, None]
+        u = torch.rand(n, dtype=torch.float64).numpy()
+        flat = np.searchsorted(cdf.ravel(), u + offsets, side="right")
+        return np.clip(flat - np.arange(n) * vocab, 0, vocab - 1)
+
+
+class _TorchBackend:
+    """Any other device: the same stages in torch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @staticmethod
+    def array(t: torch.Tensor) -> torch.Tensor:
+        return t if t.dtype == torch.float32 else t.float()
+
+    def index(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def column(self, values: list, integer: bool = False, dtype64: bool = False) -> torch.Tensor:
+        dtype = torch.long if integer else torch.float64 if dtype64 else torch.float32
+        return torch.tensor(values, dtype=dtype, device=self.device)[:, None]
+
+    def stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
+
+    @staticmethod
+    def tolist(a: torch.Tensor) -> list:
+        return a.tolist()
+
+    where = staticmethod(torch.where)
+    minimum = staticmethod(torch.minimum)
+
+    def arange(self, n: int) -> torch.Tensor:
+        return torch.arange(n, device=self.device)
+
+    def zeros_long(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def argmax(x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(dim=-1)
+
+    @staticmethod
+    def amax(x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=-1, keepdim=True)
+
+    @staticmethod
+    def count(mask: torch.Tensor) -> torch.Tensor:
+        return mask.sum(dim=-1)
+
+    @staticmethod
+    def take_rows(a: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return a.gather(1, cols[:, None])[:, 0]
+
+    @staticmethod
+    def div_(x: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        return x.div_(col)
+
+    @staticmethod
+    def softmax_(x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, dim=-1)
+
+    @staticmethod
+    def logsumexp(x: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(x, dim=-1, keepdim=True)
+
+    @staticmethod
+    def sort_desc(x: torch.Tensor) -> torch.Tensor:
+        return x.sort(dim=-1, descending=True).values
+
+    @staticmethod
+    def top_values(x: torch.Tensor, k: int) -> torch.Tensor:
+        return x.topk(k, dim=-1).values
+
+    @staticmethod
+    def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.topk(k, dim=-1)
+
+    @staticmethod
+    def cumsum64(x: torch.Tensor) -> torch.Tensor:
+        return x.cumsum(dim=-1, dtype=torch.float64)
+
+    def inverse_cdf(self, probs: torch.Tensor) -> torch.Tensor:
+        cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+        u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=self.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mistral_serve.engine.sampling_params import SamplingParams
@@ -81,6 +82,7 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
+        self._penalty_state: PenaltyState | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -98,9 +100,61 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def penalty_state(self, vocab_size: int) -> PenaltyState:
+        """The token statistics the sampler's penalties read, brought up to date with
+        ``token_ids`` (created on first use, only for requests that use penalties)."""
+        st = self._penalty_state
+        if st is None or st.vocab_size != vocab_size or st.num_counted > len(self.token_ids):
+            st = self._penalty_state = PenaltyState(self.params, vocab_size)
+        st.update(self.token_ids, self.prompt_len)
+        return st
+
     def sort_key(self) -> tuple[int, int]:
         """Scheduling order: lower priority value first, then first come first served."""
         return (self.priority, self.arrival_order)
 
     def __repr__(self) -> str:
         return f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, {self.status.value})"
+
+
+class PenaltyState:
+    """Dense per-request token statistics for penalties, kept incrementally.
+
+    ``seen[v]``: token ``v`` occurs in prompt + output (repetition penalty);
+    ``output_counts[v]``: occurrences of ``v`` in the output (presence/frequency penalties).
+    Each appended token costs one NumPy scalar update (~0.1 us) the next time the sampler
+    asks (``update`` folds in ``token_ids[num_counted:]``, normally one token), so nothing
+    is ever rebuilt from the whole context. NumPy arrays on the host: the sampler stacks the
+    penalised rows once per step (one device copy where the logits are not on the CPU).
+    Only the arrays a request's parameters need are allocated.
+    """
+
+    __slots__ = ("vocab_size", "num_counted", "seen", "output_counts")
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.num_counted = 0
+        self.seen = np.zeros(vocab_size, dtype=bool) if params.repetition_penalty != 1.0 else None
+        wants_counts = params.presence_penalty != 0 or params.frequency_penalty != 0
+        self.output_counts = np.zeros(vocab_size, dtype=np.float32) if wants_counts else None
+
+    def update(self, token_ids: list[int], prompt_len: int) -> None:
+        start = self.num_counted
+        if start == len(token_ids):
+            return
+        new = token_ids[start:]
+        if len(new) > 8:  # first use: one vectorised pass over the context so far
+            ids = np.asarray(new, dtype=np.int64)
+            if self.seen is not None:
+                self.seen[ids] = True
+            if self.output_counts is not None:
+                out = ids[max(prompt_len - start, 0):]
+                self.output_counts += np.bincount(out, minlength=self.vocab_size).astype(np.float32)
+        else:
+            seen, counts = self.seen, self.output_counts
+            for pos, t in enumerate(new, start):
+                if seen is not None:
+                    seen[t] = True
+                if counts is not None and pos >= prompt_len:
+                    counts[t] += 1.0
+        self.num_counted = len(token_ids)
