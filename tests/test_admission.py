@@ -221,6 +221,30 @@ def test_queue_gate_time_bound_follows_the_start_rate():
     assert gate.start_rate() <= 0.25 and not gate.try_enter(1).ok
 
 
+def test_queue_gate_time_bound_trips_within_a_second_of_a_flood():
+    """A flood must not fill the count bound before the start rate is known: ~1 s of backlog
+    observations arm the time bound, and a backlog in which nothing started for longer than
+    the bound is refused even before that."""
+    clock = Clock()
+    gate = QueueGate(max_requests=1000, max_tokens=None, clock=clock, max_wait_s=1.0)
+    for _ in range(10):  # 1 s of a flood: 40 arrivals per 0.1 s, 5 starts per 0.1 s
+        clock.t += 0.1
+        for _ in range(5):
+            if gate.waiting_requests:
+                gate.leave(1, started=True)
+        for _ in range(40):
+            gate.try_enter(1)
+    assert gate.start_rate() == pytest.approx(50.0, rel=0.2)
+    assert gate.waiting_requests <= 1.0 * 50 * 1.3  # about one second of starts waits, not 1000
+    refused = gate.try_enter(1)
+    assert not refused.ok and "wait about" in refused.message
+
+    stalled = QueueGate(max_requests=1000, max_tokens=None, clock=clock, max_wait_s=1.0)
+    assert all(stalled.try_enter(1).ok for _ in range(20))  # no start seen yet: only the count bound
+    clock.t += 1.5  # nothing started in 1.5 s > the bound
+    assert not stalled.try_enter(1).ok
+
+
 def test_queue_gate_time_bound_ignores_light_load():
     """Requests that start with nobody else waiting say nothing about capacity: after a light
     load (or an idle minute) a burst is bounded by the count bound only."""

@@ -352,7 +352,10 @@ class QueueGate:
         # EWMA of starts per second, measured only while others wait (a backlog), so it reads the
         # replicas' capacity, not the arrival rate of a light load.
         # Bias-corrected (divided by the weight its observations carry), so the first
-        # observations are not pulled toward zero; the time bound waits for ~2.5 s of them.
+        # observations are not pulled toward zero. Each observation weighs by its gap, so a burst
+        # of starts in one step reads as its true rate; the time bound needs only ~0.1 s of them
+        # (a flood would fill a count bound within a second), or a backlog in which nothing has
+        # started for longer than the bound itself.
         self._start_rate = 0.0
         self._rate_weight = 0.0
         self._last_start = -math.inf
@@ -387,13 +390,17 @@ class QueueGate:
             return Decision(False, "queue_full",
                             f"The server is overloaded: {self.waiting_tokens} prompt tokens are waiting to start. "
                             "Retry later.", self.retry_after())
-        if self.max_wait_s is None or not self.waiting_requests or self._rate_weight < 0.5:
+        if self.max_wait_s is None or not self.waiting_requests:
             return None
+        stalled_for = self._clock() - max(self._last_start, self._backlog_since)
+        if self._rate_weight < 0.02 and stalled_for <= self.max_wait_s:
+            return None  # under ~0.1 s of backlog observed and something started within the bound
         rate = self.start_rate()
-        wait = (self.waiting_requests + 1) / rate if rate > 0 else 0.0
+        wait = (self.waiting_requests + 1) / rate if rate > 0 else math.inf
         if wait > self.max_wait_s:
-            return Decision(False, "queue_full", f"The server is overloaded: a new request would wait about "
-                                                 f"{wait:.1f} s to start. Retry later.", self.retry_after())
+            expected = f"about {wait:.1f} s" if math.isfinite(wait) else f"over {stalled_for:.1f} s (none started)"
+            return Decision(False, "queue_full", f"The server is overloaded: a new request would wait {expected} "
+                                                 "to start. Retry later.", self.retry_after())
         return None
 
     def try_enter(self, prompt_tokens: int) -> Decision:

@@ -58,8 +58,9 @@ class AdmissionConfig(_Strict):
         None, ge=1, description="admitted requests not yet started, all routers together (default: 2 x batch capacity)")
     max_waiting_tokens: int | None = Field(None, ge=1, description="their prompt tokens, all routers together")
     max_queue_wait_s: float | None = Field(
-        None, gt=0, description="refuse (429) a request that would wait longer than this to start, at the recent "
-                                "rate of starts: keeps admitted requests' TTFT near the objective under overload")
+        1.0, gt=0, description="the TTFT objective: refuse (429) a request that would wait longer than this to start "
+                               "(first token), at the recent rate of starts; the count bounds are a backstop; "
+                               "null: count bounds only")
     retry_after_s: float = Field(1.0, gt=0, description="smallest Retry-After sent with 429/503")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of a whole request")
     queue_timeout_s: float = Field(60.0, gt=0, description="longest wait for the first token")
@@ -93,6 +94,11 @@ class ReplicaConfig(_Strict):
     max_queued_requests: int | None = Field(
         None, description="Ray's per-caller queue bound, a backstop behind the router's (default: 4 x max_ongoing)")
     stream_interval_ms: float = Field(10.0, ge=0, description="min gap between streamed messages of one request")
+    stream_max_interval_ms: float = Field(
+        200.0, ge=0, description="max gap between streamed messages of one request, however many streams are open")
+    stream_messages_per_s: float = Field(
+        400.0, ge=0, description="streamed messages per second this replica aims at in all: with S open streams each "
+                                 "sends at most every S / this seconds (between the min and max gap); 0: every step")
     stall_timeout_s: float = Field(60.0, gt=0, description="check_health fails after this long without a step")
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0

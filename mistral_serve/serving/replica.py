@@ -5,9 +5,9 @@ validated. The replica answers with few, fat messages, because each message cros
 (and then the proxy) at a cost that would dominate a per-token stream:
 
 - streaming requests: the first message as soon as the first token exists (TTFT is not
-  delayed), then at most one message per ``stream_interval_ms`` holding every token produced
-  in between (the engine delivers one step's tokens for all requests in one event-loop
-  callback, so this also merges several steps when steps are faster than the interval);
+  delayed), then one message per pacing interval holding every token produced in between
+  (stream_pacing.py: one step's tokens at low load, more per message as streams multiply,
+  so the replica's total message rate stays bounded);
 - non-streaming requests: one message at the first token (the Router's queue timeout needs
   to know the request started) and one at the end.
 
@@ -31,6 +31,7 @@ from mistral_serve.engine.async_engine import AsyncLLM, EngineDeadError, Request
 from mistral_serve.engine.sampling_params import SamplingParams
 from mistral_serve.serving.config import AppArgs, resolve_model
 from mistral_serve.serving.cost import BusyIdleMeter, request_cost_usd
+from mistral_serve.serving.stream_pacing import StreamPacer
 
 logger = logging.getLogger("ray.serve")
 
@@ -99,7 +100,9 @@ class LLMReplica:
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = self.args.model_name
-        self.interval_s = self.args.replicas.stream_interval_ms / 1000.0
+        r = self.args.replicas
+        self.pacer = StreamPacer(r.stream_interval_ms / 1000.0, max(r.stream_interval_ms, r.stream_max_interval_ms) / 1000.0,
+                                 r.stream_messages_per_s)
         self.stall_timeout_s = self.args.replicas.stall_timeout_s
         self.price = self.args.cost.gpu_price_usd_per_hour
         self._ongoing = 0
@@ -191,14 +194,16 @@ class LLMReplica:
                 queue.put_nowait(exc)
 
         task = loop.create_task(pump())
-        coalesce = stream and self.interval_s > 0
+        pacer = self.pacer if stream else None
+        if pacer is not None:
+            pacer.opened()
         first, last_sent = True, 0.0
         try:
             while True:
                 acc.add(await queue.get())
                 _drain(queue, acc)
-                if coalesce and not acc.finished and not first:
-                    wait = last_sent + self.interval_s - loop.time()
+                if pacer is not None and not acc.finished and not first:
+                    wait = last_sent + pacer.interval_s() - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
                         _drain(queue, acc)
@@ -210,6 +215,8 @@ class LLMReplica:
                     last_sent = loop.time()
                     yield acc.take()
         finally:
+            if pacer is not None:
+                pacer.closed()
             if not task.done():
                 if not acc.finished and self._failed is None:
                     with contextlib.suppress(Exception):  # a wedged engine must not hold us here

@@ -516,9 +516,11 @@ class Router:
         timeout = deadline - time.monotonic()
         try:
             if timeout <= 0:
-                raise asyncio.TimeoutError
-            msg = await asyncio.wait_for(gen.__anext__(), timeout)
-        except asyncio.TimeoutError:
+                raise TimeoutError
+            # asyncio.timeout arms one timer; wait_for would wrap every message in a new Task.
+            async with asyncio.timeout(timeout):
+                msg = await gen.__anext__()
+        except TimeoutError:
             if queued:
                 raise AdmissionError(503, f"The request waited more than {self.adm.queue_timeout_s:g} s to start; "
                                      "the server is overloaded.", reason="deadline", code="queue_timeout",
