@@ -1,8 +1,9 @@
 """Turns a scheduled step into tensors, runs the model once, and returns the sampling logits.
 
 All per-token index math (positions, cache slots, attention gather indices, masks) is done
-with tensor ops over the whole step; Python touches each *sequence* once to collect its new
-token ids and block table, never each token inside the forward pass.
+once per step on the host (``model.attention.build_attention_metadata``), with tensor ops
+over the whole step and no device reads; Python touches each *sequence* once to collect its
+new token ids and block table, never each token inside the forward pass.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mistral_serve.engine.attention import AttentionMetadata, build_group
 from mistral_serve.engine.sequence import Sequence
+from mistral_serve.model.attention import AttentionMetadata, build_attention_metadata
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.loader import load_model
 
@@ -50,7 +51,8 @@ class ModelRunner:
         Left uninitialised so the OS maps pages only as blocks are first used: the block manager
         hands out recently freed blocks first, so RSS follows peak KV use, not the budget.
         ``zero_new_blocks`` zeroes each block before its first use, because attention reads
-        whole blocks and garbage (NaN) in masked slots would leak through the softmax.
+        whole blocks (padding repeats a sequence's last block) and garbage (NaN) in masked slots
+        would leak through the softmax.
         """
         cfg = self.config
         shape = (num_blocks * self.block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -60,7 +62,7 @@ class ModelRunner:
             for _ in range(cfg.num_hidden_layers)
         ]
         self._zeroed_blocks = 0
-        self.zero_new_blocks(1)  # block 0 is also the target of padding gathers
+        self.zero_new_blocks(1)
 
     def zero_new_blocks(self, num_touched: int) -> None:
         """Zero blocks [previously zeroed, num_touched) before they are first read."""
@@ -72,55 +74,31 @@ class ModelRunner:
             self._zeroed_blocks = num_touched
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
-        """Lay the step out decode-first (one token per sequence), then prefill chunks."""
-        scheduled = sorted(scheduled, key=lambda item: item[1] != 1)
+        """Lay the step out decode-first (one token per sequence, longest KV first), then
+        prefill chunks; all index math happens once per step in ``build_attention_metadata``."""
+        q_start = [seq.num_computed_tokens for seq, _ in scheduled]
+        q_len = [n for _, n in scheduled]
+        layout = build_attention_metadata(
+            q_start, q_len, [seq.block_offset for seq, _ in scheduled], [seq.block_table for seq, _ in scheduled],
+            self.block_size, self.sliding_window, self.device,
+        )
         token_ids: list[int] = []
-        q_start: list[int] = []
-        q_len: list[int] = []
-        offsets: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        for row, (seq, n) in enumerate(scheduled):
-            start = seq.num_computed_tokens
+        logits_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for i in layout.order:
+            seq, n = scheduled[i]
+            start = q_start[i]
             token_ids.extend(seq.token_ids[start : start + n])
-            q_start.append(start)
-            q_len.append(n)
-            offsets.append(seq.block_offset)
-            tables.append(seq.block_table)
             if start + n == seq.num_tokens:
-                sample_rows.append(row)
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        starts = torch.tensor(q_start, dtype=torch.long)
-        lens = torch.tensor(q_len, dtype=torch.long)
-        block_offset = torch.tensor(offsets, dtype=torch.long)
-        token_offset = torch.cumsum(lens, 0) - lens
-        seq_of_token = torch.repeat_interleave(torch.arange(len(scheduled)), lens)
-        positions = starts[seq_of_token] + torch.arange(len(token_ids)) - token_offset[seq_of_token]
-        block_col = positions // self.block_size - block_offset[seq_of_token]
-        slot_mapping = table[seq_of_token, block_col] * self.block_size + positions % self.block_size
-
-        dev = self.device
-        num_decode = sum(1 for n in q_len if n == 1)
-        # Decode sequences share one SDPA call; each prefill chunk gets its own, because padding
-        # chunks of 16-256 tokens to the longest made prefill attention ~2.4x the work (and p50
-        # TTFT on the shared workload ~12% worse).
-        spans = [(0, num_decode)] + [(i, i + 1) for i in range(num_decode, len(scheduled))]
-        groups = []
-        for lo, hi in spans:
-            if hi > lo:
-                groups.append(build_group(
-                    int(token_offset[lo]), starts[lo:hi].to(dev), lens[lo:hi].to(dev),
-                    table[lo:hi].to(dev), block_offset[lo:hi].to(dev),
-                    self.block_size, self.sliding_window, self.config.num_queries_per_kv, self.dtype,
-                ))
-        positions = positions.to(dev)
-        cos, sin = self.model.rope.tables_at(positions)
+                logits_rows.append(len(token_ids) - 1)
+                sample_seqs.append(seq)
+        meta = layout.meta
+        meta.cos, meta.sin = self.model.rope.tables_at(layout.positions)
         return StepInputs(
-            input_ids=torch.tensor(token_ids, dtype=torch.long).to(dev),
-            meta=AttentionMetadata(self.block_size, slot_mapping.to(dev), cos, sin, groups),
-            logits_index=(token_offset + lens - 1)[sample_rows].to(dev),
-            sample_seqs=[scheduled[r][0] for r in sample_rows],
+            input_ids=torch.tensor(token_ids, dtype=torch.long).to(self.device),
+            meta=meta,
+            logits_index=torch.tensor(logits_rows, dtype=torch.long).to(self.device),
+            sample_seqs=sample_seqs,
         )
 
     @torch.inference_mode()

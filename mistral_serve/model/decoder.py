@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_serve.engine.attention import AttentionMetadata, paged_attention
+from mistral_serve.model.attention import AttentionMetadata, paged_attention
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.rope import RotaryEmbedding, apply_rotary
 
@@ -56,7 +56,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.view(t, self.q_size))
 
 

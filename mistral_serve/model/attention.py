@@ -1,0 +1,243 @@
+"""Attention over a paged KV cache for a ragged batch, in portable PyTorch (SDPA).
+
+A step's tokens are one flat ragged batch: linear layers, RoPE and the KV-cache write run on
+all T tokens at once with no padding. Attention needs each query to see only its own
+sequence's keys, so the step is split into groups, one SDPA call each per layer:
+
+* **decode buckets** (one query per sequence; they come first in the flat batch). Decode
+  sequences are ordered by KV length, longest first, and cut into buckets whose longest
+  member has at most twice the blocks of its shortest (``decode_buckets``). Each bucket
+  gathers its sequences' live blocks, padded only to the bucket's longest, so one 32K-token
+  sequence no longer pads 63 short ones to 32K (the padded gather was ~20x the real KV in
+  that case, for every layer of every step). A boolean mask [S, 1, 1, Lk] marks padding and
+  the sliding window. Measured on CPU (``mistral_serve.bench.attention_bench``,
+  docs/bench/attention-cpu.json): bucketing beats both one padded call (the old layout: 5-6x
+  slower on 1 x 8K + 63 x 256) and gathering only each sequence's own blocks with one SDPA
+  call per sequence (no padding at all, but 64 calls per layer: per-call overhead dominates
+  at the shared workload's 100-400-token contexts). Buckets are not split below
+  ``MIN_SPLIT_BLOCKS`` blocks, where another call costs more than the padding it saves.
+* **causal prefill**: a chunk that starts at position 0 (the whole prompt in one chunk, the
+  common case) and fits in the sliding window attends to exactly its own keys, causally: SDPA
+  with ``is_causal=True`` on the chunk's own freshly projected K/V rows, no cache gather and
+  no mask (K/V expanded to the query heads: on CPU faster than ``enable_gqa`` here).
+* **masked prefill**: a chunk with earlier context (chunked prefill, recompute) or longer
+  than the window gathers the blocks of its key range [k_start, q_end) from the cache and
+  uses a boolean mask [Lq, Lk] (causal with an offset, and the window band), built once per
+  step; K/V heads are shared through ``enable_gqa`` so the mask is not replicated per head.
+
+Everything is computed once per step on the host from Python ints and small CPU tensors
+(``build_attention_metadata``), moved to the device once, and reused by every layer: no
+device-to-host reads in the forward pass.
+
+GQA in decode without copying K/V: the ``G = heads / kv_heads`` query heads sharing a KV head
+are folded into the query-length axis ([S, KVH, G, D]), so a KV head is read once per bucket.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DECODE, CAUSAL, MASKED = "decode", "causal", "masked"
+# Decode buckets are not split while their longest member has at most this many blocks
+# (16-token blocks: 1K tokens); below it the extra SDPA call costs more than the padding.
+MIN_SPLIT_BLOCKS = 64
+
+
+@dataclass
+class AttentionGroup:
+    """Queries attended together in one SDPA call: the contiguous rows [token_start, token_end)
+    of the flat batch.
+
+    kind:       DECODE (S sequences, one query each), CAUSAL or MASKED (one prefill chunk).
+    kv_blocks:  cache blocks to gather, sequence by sequence, ``k_len / block_size`` each
+                (DECODE, MASKED); None for CAUSAL (its keys are its own rows).
+    key_skip:   MASKED: rows of the first gathered block before the key range.
+    mask:       boolean, True = attend: [S, 1, 1, Lk] (DECODE) or [Lq, Lk] (MASKED); None when
+                nothing is masked.
+    """
+
+    kind: str
+    token_start: int
+    token_end: int
+    num_seqs: int
+    q_len: int
+    k_len: int
+    kv_blocks: torch.Tensor | None
+    mask: torch.Tensor | None
+    key_skip: int = 0
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step, shared by all layers."""
+
+    block_size: int
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    cos: torch.Tensor | None  # [T, 1, head_dim] RoPE tables at each token's position
+    sin: torch.Tensor | None
+    groups: list[AttentionGroup]
+
+
+@dataclass
+class StepLayout:
+    """``build_attention_metadata``'s result: the flat-batch order of the sequences (indices
+    into its inputs), each token's position, and the attention metadata (without RoPE)."""
+
+    order: list[int]
+    positions: torch.Tensor  # [T], on the device
+    meta: AttentionMetadata
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def key_start(q_start: int, sliding_window: int | None) -> int:
+    """First key position the first query of a chunk starting at ``q_start`` may see."""
+    return 0 if sliding_window is None else max(0, q_start - sliding_window + 1)
+
+
+def decode_buckets(num_blocks: list[int], min_split_blocks: int = MIN_SPLIT_BLOCKS) -> list[tuple[int, int]]:
+    """Cut decode sequences, sorted by block count descending, into [lo, hi) buckets: a new
+    bucket starts when a sequence has at most half the blocks of its bucket's longest (so
+    padding stays under 2x), unless that longest is at most ``min_split_blocks``."""
+    spans: list[tuple[int, int]] = []
+    lo = 0
+    for i in range(1, len(num_blocks) + 1):
+        if i == len(num_blocks) or (num_blocks[lo] > min_split_blocks and 2 * num_blocks[i] <= num_blocks[lo]):
+            spans.append((lo, i))
+            lo = i
+    return spans
+
+
+def build_attention_metadata(
+    q_start: list[int],
+    q_len: list[int],
+    block_offset: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    sliding_window: int | None,
+    device: torch.device | str = "cpu",
+    min_split_blocks: int = MIN_SPLIT_BLOCKS,
+) -> StepLayout:
+    """Lay a step out and build its attention metadata.
+
+    Per sequence (any order): ``q_start`` absolute position of its first query this step,
+    ``q_len`` queries scheduled, ``block_tables`` its live physical blocks, of which the first
+    holds logical block ``block_offset`` (blocks that slid out of the window were freed).
+
+    Layout: decode sequences (one query) first, longest KV first, then prefill chunks in input
+    order. Everything is computed on the host (all inputs are Python ints) and moved to
+    ``device`` once.
+    """
+    n = len(q_start)
+    w = sliding_window
+    first_block = [key_start(s, w) // block_size for s in q_start]
+    ctx_end = [s + l for s, l in zip(q_start, q_len)]
+    nblocks = [(e - 1) // block_size - fb + 1 for e, fb in zip(ctx_end, first_block)]
+    decode = sorted((i for i in range(n) if q_len[i] == 1), key=lambda i: -nblocks[i])
+    order = decode + [i for i in range(n) if q_len[i] != 1]
+
+    lens = [q_len[i] for i in order]
+    tok_off = list(itertools.accumulate(lens, initial=0))
+    # One flat block table for the step (sequences in layout order) and each one's start in it.
+    tables = [block_tables[i] for i in order]
+    table_start = list(itertools.accumulate((len(t) for t in tables), initial=0))
+    flat_table = torch.tensor(list(itertools.chain.from_iterable(tables)), dtype=torch.long)
+
+    starts_t = torch.tensor([q_start[i] for i in order], dtype=torch.long)
+    lens_t = torch.tensor(lens, dtype=torch.long)
+    seq_of_token = torch.repeat_interleave(torch.arange(n), lens_t)
+    tok_off_t = torch.tensor(tok_off[:-1], dtype=torch.long)
+    positions = starts_t[seq_of_token] + torch.arange(tok_off[-1]) - tok_off_t[seq_of_token]
+    # Column of each token's block in its sequence's table, shifted to the flat table.
+    shift = [table_start[r] - block_offset[i] for r, i in enumerate(order)]
+    slot_mapping = flat_table[torch.tensor(shift, dtype=torch.long)[seq_of_token] + positions // block_size] * block_size + positions % block_size
+
+    def gather_index(rows: list[int], nb: int) -> torch.Tensor:
+        """[len(rows) * nb] physical blocks first_block .. first_block + nb - 1 of each row's
+        sequence (past its last block: its last block again, masked)."""
+        base = torch.tensor([shift[r] + first_block[order[r]] for r in rows], dtype=torch.long)
+        last = torch.tensor([nblocks[order[r]] - 1 for r in rows], dtype=torch.long)
+        col = torch.minimum(torch.arange(nb)[None, :], last[:, None]) + base[:, None]
+        return flat_table[col].flatten()
+
+    groups: list[AttentionGroup] = []
+    nd = len(decode)
+    for lo, hi in decode_buckets([nblocks[i] for i in decode], min_split_blocks):
+        rows = list(range(lo, hi))
+        nb = nblocks[order[lo]]
+        lk = nb * block_size
+        fb = torch.tensor([first_block[order[r]] for r in rows], dtype=torch.long)
+        end = torch.tensor([ctx_end[order[r]] for r in rows], dtype=torch.long)
+        key_pos = fb[:, None] * block_size + torch.arange(lk)[None, :]
+        allowed = key_pos < end[:, None]
+        if w is not None:
+            allowed &= key_pos >= end[:, None] - w
+        mask = None if bool(allowed.all()) else allowed[:, None, None, :].to(device)
+        groups.append(AttentionGroup(DECODE, lo, hi, hi - lo, 1, lk, gather_index(rows, nb).to(device), mask))
+    for r in range(nd, n):
+        i = order[r]
+        s, lq = q_start[i], q_len[i]
+        t0, t1 = tok_off[r], tok_off[r + 1]
+        if s == 0 and (w is None or lq <= w):
+            groups.append(AttentionGroup(CAUSAL, t0, t1, 1, lq, lq, None, None))
+            continue
+        ks = key_start(s, w)
+        lk = ctx_end[i] - ks
+        diag = s - ks  # query j sees keys up to column j + diag
+        allowed = torch.ones(lq, lk, dtype=torch.bool).tril_(diag)
+        if w is not None:
+            allowed &= ~torch.ones(lq, lk, dtype=torch.bool).tril_(diag - w)
+        skip = ks - first_block[i] * block_size
+        groups.append(AttentionGroup(MASKED, t0, t1, 1, lq, lk, gather_index([r], nblocks[i]).to(device),
+                                     allowed.to(device), key_skip=skip))
+    meta = AttentionMetadata(block_size, slot_mapping.to(device), None, None, groups)
+    return StepLayout(order, positions.to(device), meta)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of flat queries q [T, H, D] → [T, H, D]. ``k``/``v`` [T, KVH, D] are this
+    step's new keys/values (already written to the paged cache, [slots, KVH, D])."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    bs = meta.block_size
+    row = bs * num_kv_heads * head_dim
+    block_rows = k_cache.view(-1, row), v_cache.view(-1, row)
+    g = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    for grp in meta.groups:
+        t0, t1, lk = grp.token_start, grp.token_end, grp.k_len
+        if grp.kind == DECODE:
+            s = grp.num_seqs
+            qg = q[t0:t1].view(s, num_kv_heads, g, head_dim)
+            kg = block_rows[0].index_select(0, grp.kv_blocks).view(s, lk, num_kv_heads, head_dim).transpose(1, 2)
+            vg = block_rows[1].index_select(0, grp.kv_blocks).view(s, lk, num_kv_heads, head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=grp.mask, scale=scale)
+            out[t0:t1] = o.reshape(s, num_heads, head_dim)
+            continue
+        qc = q[t0:t1].transpose(0, 1)[None]  # [1, H, Lq, D]
+        if grp.kind == CAUSAL:
+            kc = k[t0:t1].transpose(0, 1).repeat_interleave(g, 0)[None]
+            vc = v[t0:t1].transpose(0, 1).repeat_interleave(g, 0)[None]
+            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale)
+        else:
+            skip = grp.key_skip
+            kc = block_rows[0].index_select(0, grp.kv_blocks).view(-1, num_kv_heads, head_dim)[skip : skip + lk]
+            vc = block_rows[1].index_select(0, grp.kv_blocks).view(-1, num_kv_heads, head_dim)[skip : skip + lk]
+            o = F.scaled_dot_product_attention(qc, kc.transpose(0, 1)[None], vc.transpose(0, 1)[None],
+                                               attn_mask=grp.mask, scale=scale, enable_gqa=True)
+        out[t0:t1] = o[0].transpose(0, 1)
+    return out
