@@ -1,5 +1,6 @@
 """``mistral-serve bench engine``: our engine and the named baselines, one after another in one
-process, on the same checkpoint and workload; a table and a JSON report."""
+process, on the same checkpoint and workload; a table and a JSON report. ``mistral-serve bench
+gpu`` (bench/gpu.py): decode/prefill at Mistral 7B's full shape with random weights, vs the HBM floor."""
 
 from __future__ import annotations
 
@@ -39,8 +40,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "gpu":
+        from mistral_serve.bench.gpu import main as gpu_main
+
+        return gpu_main(argv[1:])
     if not argv or argv[0] != "engine":
-        print("usage: mistral-serve bench engine [options]   (see --help)")
+        print("usage: mistral-serve bench engine [options]   (see --help)\n"
+              "       mistral-serve bench gpu [options]      (Mistral 7B shape, random weights, vs the HBM floor)")
         return 2
     a = _parser().parse_args(argv[1:])
     torch.set_num_threads(a.threads)

@@ -136,3 +136,30 @@ def load_model(
         pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set(),
                            silu_gate_up=SiluGateUp)
     return model.eval().requires_grad_(False)
+
+
+def build_random_model(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int, seed: int = 0, std: float = 0.02
+) -> DecoderModel:
+    """The model of ``config`` with random weights drawn N(0, ``std``) directly on ``device``
+    (norms are ones, like ``tiny.random_weights``), without a checkpoint: for benchmarks whose
+    timing does not depend on weight values, e.g. Mistral 7B's full shape on a GPU without
+    writing 14 GB of safetensors. Same layout and CPU packing as ``load_model``; takes the same
+    arguments after ``model_dir``, so it can stand in for it."""
+    with torch.device("meta"):
+        model = DecoderModel(config, max_positions, dtype).to(dtype)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope.build_tables(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=gen)
+    if can_pack(device, dtype):
+        pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set(),
+                           silu_gate_up=SiluGateUp)
+    return model.eval().requires_grad_(False)
