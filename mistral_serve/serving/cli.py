@@ -15,14 +15,19 @@ import sys
 import threading
 from pathlib import Path
 
+DEFAULT_METRICS_PORT = 8080
+
 CURL = """\
-Serving {model!r} at {url}  (OpenAI API: {url}/v1; metrics: {metrics})
+Serving {model!r} at {url}  (OpenAI API: {url}/v1)
+Prometheus metrics (Ray's metrics agent): {metrics}
+
+  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} \\
+    -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
 
   curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
 
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); \\
-print(c.completions.create(model='{model}', prompt='Hello', max_tokens=16).choices[0].text)"
+Any OpenAI client works too (optional: pip install openai), with base_url={url}/v1 and api_key={key}.
 
 Press Ctrl-C to stop.
 """
@@ -49,7 +54,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="refuse (429) requests that would wait longer than this to start (your TTFT objective)")
     p.add_argument("--args", default=None,
                    help="JSON (or @file.json / @file.yaml) with build_app args, merged under the flags above")
-    p.add_argument("--metrics-port", type=int, default=None, help="Ray's Prometheus metrics port (default: free)")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help=f"port of Ray's Prometheus endpoint /metrics on 127.0.0.1 (default {DEFAULT_METRICS_PORT}; "
+                        "0: any free port)")
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: max(2, cores))")
     p.add_argument("--default-ray-intervals", action="store_true",
                    help="keep Ray Serve's default background intervals (default: the quieter ones of docs/serving.md)")
@@ -110,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embedded tiny model: {ensure_tiny_model()}", flush=True)
 
     stop = threading.Event()
+    starting = [True]
 
     def on_signal(signum, _frame):
         stop.set()
+        if starting[0]:  # interrupt start_local wherever it waits (serve.run, the /ready poll)
+            raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     from mistral_serve.serving.local import start_local, stop_local
@@ -120,24 +130,32 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         ray_cpus = a.ray_cpus or max(2, os.cpu_count() or 2)
+        if a.metrics_port:
+            print(f"Prometheus metrics will be at http://127.0.0.1:{a.metrics_port}/metrics", flush=True)
         server = start_local(parsed.model_dump(mode="json"), host=a.host, port=a.port, num_cpus=ray_cpus,
-                             metrics_port=a.metrics_port, quiet_ray=not a.default_ray_intervals)
+                             metrics_port=a.metrics_port or None, quiet_ray=not a.default_ray_intervals)
+        starting[0] = False
         if stop.is_set():
             return 0
         auth = parsed.admission.api_keys_file or parsed.admission.tenants
         print(CURL.format(model=server.model, url=server.base_url, metrics=server.metrics_url,
                           auth=" -H 'Authorization: Bearer YOUR_KEY'" if auth else "",
-                          key="YOUR_KEY" if auth else "none"), flush=True)
+                          key="YOUR_KEY" if auth else "anything"), flush=True)
         while not stop.wait(0.5):
             pass
         print("\nstopping...", flush=True)
         return 0
     except KeyboardInterrupt:
-        return 0
+        print("\ninterrupted, stopping...", file=sys.stderr, flush=True)
+        return 130
     except Exception as exc:  # noqa: BLE001 - a clear message, not a traceback, for a CLI user
         print(f"mistral-serve serve: {exc}", file=sys.stderr)
         return 1
     finally:
+        starting[0] = False
+        # Shutting down must not be cut short by a second Ctrl-C.
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
         try:
             stop_local()
         finally:

@@ -3,6 +3,7 @@ and the test fixture ``live_server``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -21,6 +22,129 @@ QUIET_RAY_ENV = {
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
     "RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "60",
 }
+
+
+# Ray binds every port of a node (GCS, raylet, workers, metrics agent) to all interfaces unless
+# the node's IP is 127.0.0.1, which ``ray.init`` never picks on Linux: it resolves a loopback
+# ``_node_ip_address`` to the machine's address. Ray 2.60 only keeps 127.0.0.1 where
+# ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off (ray/_private/services.py get_node_ip_address,
+# the macOS/Windows single-machine mode), and then its gRPC servers and the metrics agent
+# listen on 127.0.0.1 only. The HTTP proxy still listens where ``host`` says.
+LOCALHOST_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+# Logged by serve.run() because it calls serve.start() again after ours (Ray 2.60): our
+# http_options were applied by the first call, so on a fresh start the line is only noise.
+_RESTART_NOISE = "Connecting to existing Serve app"
+
+
+class InsufficientResources(RuntimeError):
+    """The deployments ask for more CPUs/GPUs than the local Ray has: Serve would wait forever."""
+
+
+def replica_demand(parsed) -> list[tuple[str, int, float, float]]:
+    """(deployment, replicas at start, CPUs each, GPUs each) of ``build_app(parsed)``."""
+    r = parsed.replicas
+    if r.autoscaling is not None:
+        n = r.autoscaling.initial_replicas if r.autoscaling.initial_replicas is not None else r.autoscaling.min_replicas
+    elif r.autoscaling_config:
+        cfg = r.autoscaling_config
+        n = cfg.get("initial_replicas") if cfg.get("initial_replicas") is not None else cfg.get("min_replicas", 1)
+    elif isinstance(r.num_replicas, int):
+        n = r.num_replicas
+    else:  # "auto": Ray's autoscaling defaults start at min_replicas = 1
+        n = 1
+    out = [("LLMReplica", int(n), float(r.num_cpus), float(r.num_gpus)),
+           ("Router", parsed.router.num_replicas, float(parsed.router.num_cpus), 0.0)]
+    if parsed.admission.shared_state:
+        out.append(("AdmissionState", 1, 0.0, 0.0))  # num_cpus=0 (router.py)
+    return out  # Serve's controller and proxy actors take 0 CPUs
+
+
+def check_resources(parsed, cpus: float, gpus: float | None = None, source: str = "the local Ray") -> None:
+    """Raise ``InsufficientResources`` with the arithmetic when the app cannot be placed."""
+    demand = [d for d in replica_demand(parsed) if d[1] > 0]
+    problems = []
+    for kind, column, have in (("CPU", 2, cpus), ("GPU", 3, gpus)):
+        if have is None:
+            continue
+        asks = [(d[0], d[1], d[column]) for d in demand if d[column] > 0]
+        need = sum(n * each for _, n, each in asks)
+        if need > have + 1e-4:  # Ray accounts resources in units of 1e-4
+            terms = " + ".join(f"{name} {n} x {each:g}" for name, n, each in asks)
+            problems.append(f"{terms} = {need:g} {kind}s needed, but {source} has {have:g}")
+    if problems:
+        raise InsufficientResources(
+            "the app can never be placed: " + "; ".join(problems) + ". Lower the per-replica share "
+            "(--num-cpus / replicas.num_cpus, router.num_cpus, --num-gpus) or the replica count, or give "
+            "Ray more (--ray-cpus).")
+
+
+def _bind_ray_to_localhost() -> dict[str, str | None]:
+    from ray._private import ray_constants
+
+    previous = {key: os.environ.get(key) for key in LOCALHOST_RAY_ENV}
+    os.environ.update(LOCALHOST_RAY_ENV)  # for every Ray process started from here
+    previous["_enable_ray_cluster"] = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: this process may have imported Ray already
+    return previous
+
+
+_previous_bind: dict | None = None
+
+
+def _restore_bind() -> None:
+    global _previous_bind
+    if _previous_bind is None:
+        return
+    from ray._private import ray_constants
+
+    previous, _previous_bind = _previous_bind, None
+    ray_constants.ENABLE_RAY_CLUSTER = previous.pop("_enable_ray_cluster")
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def serve_grpc_on_localhost() -> None:
+    """Ray ``worker_process_setup_hook`` of a localhost-only cluster (``start_local``): Ray
+    Serve 2.60 binds each replica's inter-deployment gRPC server to ``[::]:0`` (all
+    interfaces, ray/serve/_private/replica.py ``_on_initialized``) whatever the node IP; this
+    makes it 127.0.0.1, the node IP its callers use here."""
+    try:
+        from ray.serve._private import replica
+    except Exception:  # noqa: BLE001 - not a Serve worker, or another Ray: leave it alone
+        return
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "_mistral_localhost", False):
+        return
+
+    def add_port(server, address: str):
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    add_port._mistral_localhost = True
+    replica.add_port_to_grpc_server = add_port
+
+
+class _DropLine(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,9 +178,14 @@ def start_local(
     app_name: str = APP_NAME,
     ready_timeout_s: float = 300.0,
     quiet_ray: bool = False,
+    localhost_only: bool = True,
 ) -> LocalServer:
     """A fresh local Ray (dashboard off) with Serve on host:port running ``build_app(args)``.
-    ``quiet_ray`` applies QUIET_RAY_ENV (unless those variables are already set)."""
+    ``quiet_ray`` applies QUIET_RAY_ENV (unless those variables are already set).
+    ``localhost_only`` binds Ray's own ports (GCS, raylet, workers, metrics) to 127.0.0.1.
+    Raises ``InsufficientResources`` at once when the deployments cannot fit in ``num_cpus``
+    (or in what Ray detected), instead of waiting for a replica that can never start."""
+    global _previous_bind
     import ray
     from ray import serve
 
@@ -64,6 +193,10 @@ def start_local(
     from mistral_serve.serving.config import AppArgs
 
     parsed = AppArgs.model_validate(args)
+    if num_cpus is not None:  # before Ray starts: fail in milliseconds
+        check_resources(parsed, num_cpus, None, source=f"the local Ray (num_cpus={num_cpus:g})")
+    if metrics_port and port_in_use(metrics_port):
+        raise OSError(f"metrics port {metrics_port} is already in use (choose another with --metrics-port)")
     metrics_port = metrics_port or free_port()
     system_config = {}
     if metrics_report_interval_ms:
@@ -72,18 +205,33 @@ def start_local(
     if quiet_ray:  # inherited by the raylet and every Ray worker it starts
         for key, value in QUIET_RAY_ENV.items():
             os.environ.setdefault(key, value)
+    runtime_env = None
+    if localhost_only:
+        if _previous_bind is None:
+            _previous_bind = _bind_ray_to_localhost()
+        # Job-wide, so inherited by the Serve controller, proxies and every replica.
+        runtime_env = {"worker_process_setup_hook": f"{__name__}.serve_grpc_on_localhost"}
     ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         _metrics_export_port=metrics_port,
         _system_config=system_config or None,
+        runtime_env=runtime_env,
         log_to_driver=False,
         configure_logging=False,
     )
     try:
+        have = ray.cluster_resources()
+        check_resources(parsed, have.get("CPU", 0.0), have.get("GPU", 0.0))
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(parsed), name=app_name, route_prefix="/", blocking=False)
+        serve_logger = logging.getLogger("ray.serve")
+        quiet = _DropLine(_RESTART_NOISE)
+        serve_logger.addFilter(quiet)
+        try:
+            serve.run(build_app(parsed), name=app_name, route_prefix="/", blocking=False)
+        finally:
+            serve_logger.removeFilter(quiet)
         want = parsed.replicas.num_replicas if isinstance(parsed.replicas.num_replicas, int) else 1
         _wait_ready(f"http://{_client_host(host)}:{port}/ready", ready_timeout_s, want)
     except BaseException:
@@ -122,12 +270,34 @@ def _wait_ready(url: str, timeout_s: float, replicas: int = 1) -> None:
 
 
 def stop_local() -> None:
+    """Delete the Serve apps (their replicas drain within graceful_shutdown_timeout_s), then
+    stop the local Ray, which ends Serve's controller and proxies with it. Not
+    ``serve.shutdown()``: in Ray 2.60 its controller kills itself while the call is pending and
+    the driver logs "Task ServeController.graceful_shutdown failed ... will be retried"."""
     import ray
-    from ray import serve
 
-    if not ray.is_initialized():
+    try:
+        if not ray.is_initialized():
+            return
+        try:
+            _delete_apps()
+        finally:
+            ray.shutdown()
+    finally:
+        _restore_bind()
+
+
+def _delete_apps() -> None:
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    try:
+        client = _get_global_client()
+    except Exception:  # noqa: BLE001 - Serve never started (start failed early)
         return
     try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+        names = list(serve.status().applications)
+        if names:
+            client.delete_apps(names, blocking=True)
+    except Exception:  # noqa: BLE001 - the cluster is going away anyway
+        pass

@@ -4,6 +4,16 @@ Names here are without Ray's ``ray_`` prefix and the ``_total`` Ray appends to c
 scrape of Ray's metrics agent shows e.g. ``mistral_serve_prompt_tokens`` as
 ``ray_mistral_serve_prompt_tokens_total`` (verified on Ray 2.60.0, see docs/serving.md).
 Serve adds ``application``, ``deployment`` and ``replica`` labels itself.
+
+Histogram ``_sum`` series are approximations in Ray 2.60: a replica's histogram reaches the
+metrics agent as bucket counts only, and the agent re-records one observation at each
+bucket's midpoint (``OpenTelemetryMetricRecorder.record_histogram_aggregated_batch``), so a
+7-token prompt adds 7.5 (bucket 5..10) to ``request_prompt_tokens_sum`` and an overflow adds
+twice the last bound. ``_bucket`` and ``_count`` are exact. For the two token histograms,
+whose sums are compared with the token counters, the replicas therefore also export the exact
+sum as a counter (``EXACT_SUM_SERIES``): ``..._request_prompt_tokens_exact_sum_total`` equals
+``prompt_tokens_total`` once no request is in flight (the counter counts prefill as it
+happens, also of requests still running or aborted; the histogram counts finished requests).
 """
 
 from __future__ import annotations
@@ -44,6 +54,11 @@ ROUTER_SERIES = [
     "ray_mistral_serve_router_requests_in_flight",
     "ray_mistral_serve_router_request_latency_seconds",
     "ray_mistral_serve_router_soft_context_exceeded_total",
+]
+# Exact sums of the token histograms (see the module docstring), one per finished request.
+EXACT_SUM_SERIES = [
+    "ray_mistral_serve_request_prompt_tokens_exact_sum_total",
+    "ray_mistral_serve_request_generation_tokens_exact_sum_total",
 ]
 COST_SERIES = [
     "ray_mistral_serve_tokens_total",
@@ -120,6 +135,11 @@ class EngineMetrics:
         buckets = token_buckets(max_model_len)
         self.prompt_len = _histogram("mistral_serve_request_prompt_tokens", "Prompt length per request.", buckets, m)
         self.gen_len = _histogram("mistral_serve_request_generation_tokens", "Output length per request.", buckets, m)
+        # Ray exports histogram sums from bucket midpoints: the exact sums of the two above.
+        self.prompt_len_sum = _counter("mistral_serve_request_prompt_tokens_exact_sum",
+                                       "Exact sum of request_prompt_tokens (Ray's histogram _sum is approximate).", m)
+        self.gen_len_sum = _counter("mistral_serve_request_generation_tokens_exact_sum",
+                                    "Exact sum of request_generation_tokens (Ray's histogram _sum is approximate).", m)
         self.busy = _counter("mistral_serve_replica_busy_seconds", "Seconds the engine was stepping.", m)
         self.idle = _counter("mistral_serve_replica_idle_seconds", "Seconds up with nothing to do.", m)
         self.idle_cost = _counter("mistral_serve_replica_idle_cost_usd", "Idle seconds x GPU $/s.", m)
@@ -130,7 +150,8 @@ class EngineMetrics:
         # requests aborted by their client (the Router is gone by then). Tenants: from the Router.
         self.cost = _counter("mistral_serve_cost_usd", "Compute-seconds of requests x GPU $/s.",
                              ("model_name", "tenant"))
-        for c in (self.preemptions, self.prompt_tokens, self.generation_tokens, self.busy, self.idle, self.idle_cost):
+        for c in (self.preemptions, self.prompt_tokens, self.generation_tokens, self.busy, self.idle, self.idle_cost,
+                  self.prompt_len_sum, self.gen_len_sum):
             _prime(c, self.tags)
         for reason in ("stop", "length", "abort"):
             _prime(self.success, {**self.tags, "finished_reason": reason})
@@ -170,6 +191,8 @@ class EngineMetrics:
             self.itl.observe(gap, tags=t)
         self.prompt_len.observe(metrics.num_prompt_tokens, tags=t)
         self.gen_len.observe(metrics.num_generation_tokens, tags=t)
+        self.add(self.prompt_len_sum, metrics.num_prompt_tokens)
+        self.add(self.gen_len_sum, metrics.num_generation_tokens)
 
 
 class RouterMetrics:
