@@ -285,6 +285,36 @@ def time_prefill(llm, n: int, length: int, runs: int = 2, seed: int = 1) -> dict
             "tok_per_s_best": n * length / best, "tok_per_s_median": n * length / statistics.median(walls)}
 
 
+def smoke(llm, prompts: int = 2, max_tokens: int = 16, seed: int = 2) -> dict:
+    """Generate ``max_tokens`` greedy tokens for ``prompts`` prompts of different lengths,
+    checking every step's logits are finite and not constant. ``ok`` is the verdict."""
+    runner = llm.engine.runner
+    execute = runner.execute
+    finite, spread = [], []
+
+    def checked(inputs):
+        logits = execute(inputs)
+        finite.append(torch.isfinite(logits).all())
+        spread.append(logits.float().std(dim=-1).min())
+        return logits
+
+    ps = [p[: 24 + 40 * i] for i, p in enumerate(_random_prompts(prompts, 24 + 40 * prompts, seed))]
+    runner.execute = checked
+    try:
+        t = time.perf_counter()
+        outs = llm.generate(ps, _greedy(max_tokens))
+        wall = time.perf_counter() - t
+    finally:
+        del runner.execute  # back to the class's method
+    lengths = [len(o.outputs[0].token_ids) for o in outs]
+    all_finite = bool(torch.stack(finite).all()) if finite else False
+    min_std = float(torch.stack(spread).min()) if spread else 0.0
+    return {"prompts": [len(p) for p in ps], "max_tokens": max_tokens, "output_lengths": lengths,
+            "steps": len(finite), "logits_finite": all_finite, "min_logit_std": min_std, "wall_s": wall,
+            "first_tokens": [o.outputs[0].token_ids[:4] for o in outs],
+            "ok": all_finite and min_std > 0 and lengths == [max_tokens] * len(ps)}
+
+
 def run_workload(llm, workload, runs: int) -> dict:
     """``bench engine``'s runner and summary on the already-built engine."""
     from mistral_serve.bench.measure import summarize
@@ -335,6 +365,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory-bytes", type=int, help="KV pool size (default: engine's)")
     p.add_argument("--bandwidth-tbs", type=float, help="HBM bandwidth in TB/s (default: from the GPU's name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true",
+                   help="only build the engine and generate 16 tokens for 2 prompts, checking finite logits")
     p.add_argument("--json", help="write the report here (rewritten after every section)")
     return p
 
@@ -406,6 +438,12 @@ def run(a: argparse.Namespace) -> dict:
                             "kv_pool_tokens": engine.block_manager.num_blocks * engine.args.block_size}
         if device.type == "cuda":
             report["engine"]["cuda_memory_allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
+        if a.smoke:
+            report["smoke"] = smoke(llm)
+            if not report["smoke"]["ok"]:
+                report["errors"]["smoke"] = "non-finite or constant logits, or short outputs"
+            save()
+            return report
         llm.generate(_random_prompts(2, 32, a.seed), _greedy(8))  # warm-up: kernels, allocator
         save()
 
@@ -458,6 +496,8 @@ def run(a: argparse.Namespace) -> dict:
 
 def format_report(report: dict) -> str:
     m = report["machine"]
+    if "smoke" in report:
+        return f"smoke ({report['model']['shape']} shape, {report['model']['dtype']}, {m['device']}): {report['smoke']}"
     lines = [f"{report['model']['shape']} shape, {report['model']['dtype']}, {m['device']} "
              f"({m['gpu'] or m['cpu']}), torch {m['torch']}"
              + (f", floor at {report['hbm']['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s" if report["hbm"] else "")]
