@@ -66,7 +66,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     if not (lp_rows or pen_rows or min_tok_rows or sampled):
         return SampleResult(argmax_rows(logits).tolist(), [None] * n)
 
-    be = _NumpyBackend() if logits.device.type == "cpu" else _TorchBackend(logits.device)
+    be = _backend_for(logits.device)
     x = be.array(logits)
 
     raw_lp = _raw_logprob_stats(be, x, lp_rows, max(params[i].logprobs for i in lp_rows)) if lp_rows else None
@@ -136,8 +136,12 @@ def _apply_penalties(be, x, seqs: list[Sequence], rows: list[int], vocab: int) -
         idx = be.index([rows[j] for j in rep])
         r = be.column([seqs[j].params.repetition_penalty for j in rep])
         seen = be.stack([states[j].seen for j in rep])
-        vals = x[idx]
-        x[idx] = be.where(seen, be.where(vals > 0, vals / r, vals * r), vals)
+        if len(rep) == x.shape[0]:
+            be.repetition_(x, seen, r)
+        else:
+            vals = x[idx]
+            be.repetition_(vals, seen, r)
+            x[idx] = vals
     pf = [j for j, s in enumerate(seqs)
           if (s.params.presence_penalty or s.params.frequency_penalty) and s.num_output_tokens]
     if pf:
@@ -145,7 +149,13 @@ def _apply_penalties(be, x, seqs: list[Sequence], rows: list[int], vocab: int) -
         freq = be.column([seqs[j].params.frequency_penalty for j in pf])
         pres = be.column([seqs[j].params.presence_penalty for j in pf])
         counts = be.stack([states[j].output_counts for j in pf])
-        x[idx] -= freq * counts + pres * (counts > 0)
+        penalty = freq * counts
+        if any(seqs[j].params.presence_penalty for j in pf):
+            penalty += pres * (counts > 0)
+        if len(pf) == x.shape[0]:
+            x -= penalty
+        else:
+            x[idx] -= penalty
 
 
 def _sample_rows(be, x, seqs: list[Sequence]):
@@ -154,7 +164,7 @@ def _sample_rows(be, x, seqs: list[Sequence]):
     vocab = x.shape[1]
     x = be.div_(x, be.column([p.temperature for p in params]))
     _top_k_top_p_rows(be, x, [p.top_k for p in params], [p.top_p for p in params])
-    probs = be.softmax_(x)
+    probs = be.softmax_(x, normalise=False)  # the draws below are scale-free per row
     mp_rows = [j for j, p in enumerate(params) if p.min_p > 0]
     if mp_rows:
         idx = be.index(mp_rows)
@@ -165,14 +175,17 @@ def _sample_rows(be, x, seqs: list[Sequence]):
     seeded = [j for j, s in enumerate(seqs) if s.generator is not None]
     if not seeded:
         return be.inverse_cdf(probs)
-    noise = torch.empty(len(seeded), vocab)
+    # E = -log(1 - U) with U ~ U[0, 1) from the request's own generator: torch.rand is ~10x
+    # cheaper per value than exponential_ on the CPU, and the log runs vectorised once.
+    uniform = torch.empty(len(seeded), vocab)
     for j, row in enumerate(seeded):
-        noise[j].exponential_(generator=seqs[row].generator)
+        torch.rand(vocab, generator=seqs[row].generator, out=uniform[j])
+    noise = be.exponential_from_uniform(uniform)
     if len(seeded) == len(seqs):
-        return be.argmax(probs / be.array(noise))
+        return be.argmax(probs / noise)
     chosen = be.zeros_long(len(seqs))
     idx = be.index(seeded)
-    chosen[idx] = be.argmax(probs[idx] / be.array(noise))
+    chosen[idx] = be.argmax(probs[idx] / noise)
     unseeded = be.index([j for j in range(len(seqs)) if seqs[j].generator is None])
     chosen[unseeded] = be.inverse_cdf(probs[unseeded])
     return chosen
@@ -186,20 +199,37 @@ def _top_k_top_p_rows(be, x, top_k: list[int], top_p: list[float]) -> None:
     if k_rows:
         idx = be.index(k_rows)
         ks = [top_k[j] for j in k_rows]
-        sub = x[idx]
+        sub = x if len(k_rows) == x.shape[0] else x[idx]
         top = be.top_values(sub, max(ks))
         cut = be.take_rows(top, be.index([k - 1 for k in ks]))[:, None]
-        x[idx] = be.where(sub < cut, float("-inf"), sub)
+        _mask_below(be, x, idx, len(k_rows), sub, cut)
     if p_rows:
         idx = be.index(p_rows)
-        sub = x[idx]
-        desc = be.sort_desc(sub)
-        ks = be.column([top_k[j] if top_k[j] > 0 else vocab for j in p_rows], integer=True)
-        probs = be.softmax_(be.where(be.arange(vocab)[None, :] >= ks, float("-inf"), desc))
-        before = be.cumsum64(probs) - probs  # mass of strictly better tokens (a prefix < p is kept)
-        keep = be.count(before < be.column([top_p[j] for j in p_rows], dtype64=True))
-        cut = be.take_rows(desc, be.minimum(keep, ks[:, 0]) - 1)[:, None]
-        x[idx] = be.where(sub < cut, float("-inf"), sub)
+        sub = x if len(p_rows) == x.shape[0] else x[idx]
+        ks = [top_k[j] if top_k[j] > 0 else vocab for j in p_rows]
+        cut = be.nucleus_cutoff(sub, ks, [top_p[j] for j in p_rows])[:, None]
+        _mask_below(be, x, idx, len(p_rows), sub, cut)
+
+
+def _mask_below(be, x, idx, n_rows: int, sub, cut) -> None:
+    """Set x[idx] entries below their row's ``cut`` to -inf (``sub`` is the copy x[idx])."""
+    if n_rows == x.shape[0]:
+        be.mask_below_(x, cut)
+    else:
+        be.mask_below_(sub, cut)
+        x[idx] = sub
+
+
+def _nucleus_cutoff_sorted(be, sub, ks: list[int], ps: list[float]):
+    """Each row's smallest kept logit under top-k then top-p, from a full value sort: the
+    nucleus is the prefix of tokens whose strictly better tokens hold < p of the mass."""
+    vocab = sub.shape[1]
+    desc = be.sort_desc(sub)
+    kcol = be.column(ks, integer=True)
+    probs = be.softmax_(be.where(be.arange(vocab)[None, :] >= kcol, float("-inf"), desc))
+    before = be.cumsum64(probs) - probs  # mass of strictly better tokens
+    keep = be.count(before < be.column(ps, dtype64=True))
+    return be.take_rows(desc, be.minimum(keep, kcol[:, 0]) - 1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -219,6 +249,10 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
 
 
 # ---- array backends -----------------------------------------------------------------------
+
+
+def _backend_for(device: torch.device):
+    return _NumpyBackend() if device.type == "cpu" else _TorchBackend(device)
 
 
 class _NumpyBackend:
@@ -280,12 +314,59 @@ class _NumpyBackend:
         return x / col
 
     @staticmethod
-    def softmax_(x: np.ndarray) -> np.ndarray:
-        """Row softmax, in place."""
+    def softmax_(x: np.ndarray, normalise: bool = True) -> np.ndarray:
+        """Row softmax, in place (``normalise=False``: exp(x - max), each row's max is 1)."""
         np.subtract(x, x.max(axis=-1, keepdims=True), out=x)
         np.exp(x, out=x)
-        x /= x.sum(axis=-1, keepdims=True)
+        if normalise:
+            x /= x.sum(axis=-1, keepdims=True)
         return x
+
+    @staticmethod
+    def mask_below_(x: np.ndarray, cut: np.ndarray) -> None:
+        np.copyto(x, np.float32(-np.inf), where=x < cut)
+
+    @staticmethod
+    def repetition_(x: np.ndarray, seen: np.ndarray, r: np.ndarray) -> None:
+        """HF repetition penalty in place on the ``seen`` entries: positive / r, others * r."""
+        pos = x > 0
+        np.divide(x, r, out=x, where=seen & pos)
+        np.multiply(x, r, out=x, where=seen & ~pos)
+
+    @staticmethod
+    def exponential_from_uniform(u: torch.Tensor) -> np.ndarray:
+        e = np.log1p(-u.numpy())
+        np.negative(e, out=e)
+        return np.maximum(e, np.float32(1e-30), out=e)  # U == 0: E = 0 would give 0/0 for p == 0
+
+    _NUCLEUS_CANDIDATES = 1024
+
+    def nucleus_cutoff(self, sub: np.ndarray, ks: list[int], ps: list[float]) -> np.ndarray:
+        """As ``_nucleus_cutoff_sorted`` but from the top 1024 candidates of a partial
+        selection (O(V), no sort of the vocabulary); rows whose nucleus is not settled
+        within the candidates (top-k beyond them, or a flat distribution) fall back to the
+        full sort. Each row's answer is the same whichever path the batch takes."""
+        n, vocab = sub.shape
+        c = min(self._NUCLEUS_CANDIDATES, vocab)
+        top = self.top_values(sub, c)  # [n, c] descending
+        kk = np.minimum(np.asarray(ks), vocab)[:, None]
+        m = top[:, :1]
+        w = np.exp(top - m, dtype=np.float64)
+        ranks = np.arange(c)[None, :]
+        w = np.where(ranks < kk, w, 0.0)
+        # normaliser: the row's top-k mass (inside the candidates) or the whole row's
+        full = np.exp(sub - m).sum(axis=-1, keepdims=True).astype(np.float64)
+        z = np.where(kk <= c, w.sum(axis=-1, keepdims=True), full)
+        before = np.cumsum(w, axis=-1) - w
+        keep = np.count_nonzero(before < np.asarray(ps, dtype=np.float64)[:, None] * z, axis=-1)
+        n_keep = np.minimum(keep, kk[:, 0])
+        # settled: the cut lies inside the candidates and the normaliser was exact
+        settled = (kk[:, 0] <= c) | ((kk[:, 0] >= vocab) & (n_keep < c))
+        cut = top[np.arange(n), np.minimum(n_keep, c) - 1]
+        if not settled.all():
+            rest = np.flatnonzero(~settled)
+            cut[rest] = _nucleus_cutoff_sorted(self, sub[rest], [ks[i] for i in rest], [ps[i] for i in rest])
+        return cut
 
     @staticmethod
     def logsumexp(x: np.ndarray) -> np.ndarray:
@@ -305,9 +386,17 @@ class _NumpyBackend:
     @staticmethod
     def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k largest values per row, descending, and their ids."""
-        vocab = x.shape[1]
+        n, vocab = x.shape
+        ids = None
         if k < vocab:
-            ids = np.argpartition(x, vocab - k, axis=-1)[:, vocab - k:]
+            # the k-th largest value by a value-only partition, then the ids at or above it;
+            # exactly k per row unless values tie at the k-th (then argpartition decides)
+            kth = np.partition(x, vocab - k, axis=-1)[:, vocab - k]
+            rows, cols = np.nonzero(x >= kth[:, None])
+            if len(cols) == n * k:
+                ids = cols.reshape(n, k)
+            else:
+                ids = np.argpartition(x, vocab - k, axis=-1)[:, vocab - k:]
         else:
             ids = np.broadcast_to(np.arange(vocab), x.shape)
         vals = np.take_along_axis(x, ids, axis=-1)
@@ -318,18 +407,27 @@ class _NumpyBackend:
     def cumsum64(x: np.ndarray) -> np.ndarray:
         return np.cumsum(x, axis=-1, dtype=np.float64)
 
-    @staticmethod
-    def inverse_cdf(probs: np.ndarray) -> np.ndarray:
+    _CDF_BLOCK = 128
+
+    def inverse_cdf(self, probs: np.ndarray) -> np.ndarray:
         """One categorical draw per row (weights need not be normalised): one uniform per row
-        from torch's global generator, searched in the rows' float64 CDFs laid end to end."""
+        from torch's global generator, found in a two-level CDF (float64 cumulative sums of
+        128-token block sums, then inside the chosen block), so no pass over the
+        vocabulary is sequential: one vectorised block reduction does the heavy work."""
         n, vocab = probs.shape
-        cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
-        cdf /= cdf[:, -1:]
-        offsets = np.arange(n, dtype=np.float64)
-        cdf += offsets[:, None]
-        u = torch.rand(n, dtype=torch.float64).numpy()
-        flat = np.searchsorted(cdf.ravel(), u + offsets, side="right")
-        return np.clip(flat - np.arange(n) * vocab, 0, vocab - 1)
+        b = self._CDF_BLOCK
+        if vocab % b:
+            b = 1
+        blocks = probs.reshape(n, vocab // b, b)
+        csum = np.cumsum(blocks.sum(axis=-1, dtype=np.float64), axis=-1)  # [n, V/b]
+        v = torch.rand(n, dtype=torch.float64).numpy() * csum[:, -1]
+        blk = np.minimum(np.count_nonzero(csum <= v[:, None], axis=-1), csum.shape[1] - 1)
+        rows = np.arange(n)
+        v -= np.where(blk > 0, csum[rows, blk - 1], 0.0)
+        inner = np.cumsum(blocks[rows, blk], axis=-1, dtype=np.float64)  # [n, b]
+        v = np.minimum(v, inner[:, -1] * (1 - 1e-12))  # rounding between the two levels
+        within = np.minimum(np.count_nonzero(inner <= v[:, None], axis=-1), b - 1)
+        return blk * b + within
 
 
 class _TorchBackend:
@@ -386,8 +484,22 @@ class _TorchBackend:
         return x.div_(col)
 
     @staticmethod
-    def softmax_(x: torch.Tensor) -> torch.Tensor:
+    def softmax_(x: torch.Tensor, normalise: bool = True) -> torch.Tensor:
         return torch.softmax(x, dim=-1)
+
+    @staticmethod
+    def mask_below_(x: torch.Tensor, cut: torch.Tensor) -> None:
+        x.masked_fill_(x < cut, float("-inf"))
+
+    @staticmethod
+    def repetition_(x: torch.Tensor, seen: torch.Tensor, r: torch.Tensor) -> None:
+        x.copy_(torch.where(seen, torch.where(x > 0, x / r, x * r), x))
+
+    def exponential_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        return (-torch.log1p(-u)).clamp_(min=1e-30).to(self.device, non_blocking=True)
+
+    def nucleus_cutoff(self, sub: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
+        return _nucleus_cutoff_sorted(self, sub, ks, ps)
 
     @staticmethod
     def logsumexp(x: torch.Tensor) -> torch.Tensor:
