@@ -71,7 +71,7 @@ def test_serve_flags_map_into_app_args():
     parsed = AppArgs.model_validate(args)
     assert parsed.max_num_seqs == 16
     assert parsed.admission.max_queue_wait_s == 1.5 and parsed.admission.max_body_bytes == 2048
-    assert AppArgs.model_validate(build_args(parse_args([]))).admission.max_queue_wait_s == 1.0  # on by default
+    assert AppArgs.model_validate(build_args(parse_args([]))).admission.max_queue_wait_s == 2.0  # on by default
 
 
 def test_deployment_options():
