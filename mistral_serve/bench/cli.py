@@ -40,13 +40,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "serve":
+        from mistral_serve.bench.serve import main as serve_main
+
+        return serve_main(argv[1:])
     if argv and argv[0] == "gpu":
         from mistral_serve.bench.gpu import main as gpu_main
 
         return gpu_main(argv[1:])
     if not argv or argv[0] != "engine":
         print("usage: mistral-serve bench engine [options]   (see --help)\n"
-              "       mistral-serve bench gpu [options]      (Mistral 7B shape, random weights, vs the HBM floor)")
+              "       mistral-serve bench gpu [options]      (Mistral 7B shape, random weights, vs the HBM floor)\n"
+              "       mistral-serve bench serve [options]    (streaming over HTTP, any OpenAI server; side by side with vLLM)")
         return 2
     a = _parser().parse_args(argv[1:])
     torch.set_num_threads(a.threads)
