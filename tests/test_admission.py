@@ -245,6 +245,26 @@ def test_queue_gate_time_bound_trips_within_a_second_of_a_flood():
     assert not stalled.try_enter(1).ok
 
 
+def test_queue_gate_time_bound_spares_free_batch_slots():
+    """While admitted requests fit the engines' batches, a slow-looking start rate (the batch's
+    own prefill) refuses nothing; once the batches are full the time bound applies."""
+    clock = Clock()
+    gate = QueueGate(max_requests=1000, max_tokens=None, clock=clock, max_wait_s=1.0)
+    gate.batch_slots = 64
+    assert all(gate.try_enter(1).ok for _ in range(64))  # a burst of one batch
+    for _ in range(10):  # its prefill starts 4 per 0.5 s: a wait estimate of ~7 s
+        clock.t += 0.5
+        for _ in range(4):
+            gate.leave(1, started=True)
+    for _ in range(4):  # 4 finish; their clients send again at once: free slots, admitted
+        gate.finish()
+        assert gate.try_enter(1).ok
+    assert gate.in_flight == 64
+    assert not gate.try_enter(1).ok  # batches full: the time bound refuses
+    gate.leave(1, started=False)  # an admitted one gave up before starting: a slot is free again
+    assert gate.in_flight == 63 and gate.try_enter(1).ok
+
+
 def test_queue_gate_time_bound_ignores_light_load():
     """Requests that start with nobody else waiting say nothing about capacity: after a light
     load (or an idle minute) a burst is bounded by the count bound only."""

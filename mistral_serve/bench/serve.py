@@ -156,19 +156,29 @@ _SERVING_PROCESSES = {"proxy": "ProxyActor", "router": "ServeReplica:mistral:Rou
                       "replica": "ServeReplica:mistral:LLMReplica"}
 
 
-def _serving_cpu() -> dict[str, float]:
-    """CPU seconds (user + system) so far of each serving process of a local Ray Serve app."""
-    out = dict.fromkeys(_SERVING_PROCESSES, 0.0)
+def _serving_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of each serving process of a local Ray Serve app, by
+    pid (a Ray worker's title changes with the call it runs, so roles are matched per snapshot)."""
+    out = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
             for role, marker in _SERVING_PROCESSES.items():
                 if marker in cmd:
                     t = p.cpu_times()
-                    out[role] += t.user + t.system
+                    out[p.pid] = (role, t.user + t.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
+
+
+def _cpu_ms_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                        requests: int) -> dict[str, float]:
+    used = dict.fromkeys(_SERVING_PROCESSES, 0.0)
+    for pid, (role, cpu) in after.items():
+        if pid in before:
+            used[role] += cpu - before[pid][1]
+    return {role: round(1000 * sec / max(1, requests), 2) for role, sec in used.items()}
 
 
 # ---- one server -----------------------------------------------------------------------------------
@@ -183,9 +193,7 @@ def bench_server(base_url: str, model: str, tokenizer_dir: str, scenarios: list[
         ours = asyncio.run(_run_client(base_url, model, sc, seed))
         entry: dict = {"our_client": _pick(ours)}
         if cpu0 is not None:
-            cpu1 = _serving_cpu()
-            entry["cpu_ms_per_request"] = {k: round(1000 * (cpu1[k] - cpu0[k]) / max(1, ours["sent"]), 2)
-                                           for k in cpu0}
+            entry["cpu_ms_per_request"] = _cpu_ms_per_request(cpu0, _serving_cpu(), ours["sent"])
         if vllm_bin:
             entry["vllm_client"] = _run_vllm_client(vllm_bin, base_url, model, tokenizer_dir, sc, seed, out_dir)
         results[sc.name] = entry

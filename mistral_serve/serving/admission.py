@@ -336,13 +336,20 @@ class QueueGate:
 
     ``max_wait_s`` bounds the queue in time instead: a request that would wait longer than that
     to start, at the recent start rate, is refused. Count bounds cannot keep a TTFT objective
-    when throughput moves (longer prompts, fewer replicas, a slower machine); this one follows it."""
+    when throughput moves (longer prompts, fewer replicas, a slower machine); this one follows it.
+    It applies only once the engines' batches are full (``batch_slots``, the ready replicas'
+    ``max_num_seqs`` together, against the admitted requests still in flight): a request that
+    finds a free batch slot starts with the next prefill, so refusing it would idle the engine.
+    That keeps a burst of one batch (64 clients at once, 64 slots) from being refused while its
+    own prefill makes the measured start rate look slow."""
 
     def __init__(self, max_requests: int | None, max_tokens: int | None, min_retry_after_s: float = 1.0,
                  max_retry_after_s: float = 30.0, clock=time.monotonic, max_wait_s: float | None = None) -> None:
         self.max_requests = max_requests
         self.max_tokens = max_tokens
         self.max_wait_s = max_wait_s
+        self.batch_slots: int | None = None  # engine batch slots of the ready replicas (Router sets it)
+        self.in_flight = 0  # admitted and not yet finished, started or not
         self.share = 1.0
         self.min_retry_after_s = min_retry_after_s
         self.max_retry_after_s = max_retry_after_s
@@ -392,6 +399,8 @@ class QueueGate:
                             "Retry later.", self.retry_after())
         if self.max_wait_s is None or not self.waiting_requests:
             return None
+        if self.batch_slots is not None and self.in_flight < self._bound(self.batch_slots):
+            return None  # a free batch slot: it starts with the next prefill
         stalled_for = self._clock() - max(self._last_start, self._backlog_since)
         if self._rate_weight < 0.02 and stalled_for <= self.max_wait_s:
             return None  # under ~0.1 s of backlog observed and something started within the bound
@@ -411,13 +420,20 @@ class QueueGate:
             self._backlog_since = self._clock()
         self.waiting_requests += 1
         self.waiting_tokens += prompt_tokens
+        self.in_flight += 1
         return Decision(True)
+
+    def finish(self) -> None:
+        """A request that had started (``leave(started=True)``) ended."""
+        self.in_flight = max(0, self.in_flight - 1)
 
     def leave(self, prompt_tokens: int, started: bool) -> None:
         """The request started (first token) or ended before starting."""
         backlog = self.waiting_requests > 1  # others were waiting while this one did
         self.waiting_requests = max(0, self.waiting_requests - 1)
         self.waiting_tokens = max(0, self.waiting_tokens - prompt_tokens)
+        if not started:
+            self.in_flight = max(0, self.in_flight - 1)
         if started:
             now = self._clock()
             if backlog:
