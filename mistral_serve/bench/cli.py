@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mistral_serve.bench.measure import PeakRSS, RunResult, summarize
+from mistral_serve.bench.measure import PeakRSS, RunResult, cpu_model, summarize
 from mistral_serve.bench.workload import Workload, load_workload
 
 BASELINES = ("hf-static", "hf-cb")
@@ -73,7 +72,7 @@ def main(argv: list[str]) -> int:
                      "prompt_tokens": workload.prompt_tokens, "output_tokens": workload.output_tokens,
                      "arrival": "all at t=0", "decoding": "greedy, EOS ignored"},
         "model": str(model),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "torch_threads": a.threads, "torch": torch.__version__},
         "results": results,
     }
@@ -82,17 +81,6 @@ def main(argv: list[str]) -> int:
         Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {a.json}")
     return 0
-
-
-def _cpu_model() -> str:
-    """The CPU's marketing name (platform.processor() is often just the architecture on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _timed(runner, workload: Workload, runs: int, label: str) -> tuple[list[RunResult], int]:

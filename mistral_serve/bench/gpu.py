@@ -372,9 +372,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _machine(device: torch.device) -> dict:
-    from mistral_serve.bench.cli import _cpu_model
+    from mistral_serve.bench.measure import cpu_model
 
-    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_cuda": torch.version.cuda, "device": str(device), "gpu": None}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -80,3 +82,16 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._rss())
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, recorded in every benchmark JSON: this project's machines of one
+    kind come with different CPUs, so a figure is only compared with one from the same run
+    (platform.processor() is often just the architecture on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -42,6 +41,7 @@ import psutil
 
 from load_tests.client import RequestRecord, send_request
 from load_tests.stats import summarize
+from mistral_serve.bench.measure import cpu_model
 
 
 @dataclass(frozen=True)
@@ -270,16 +270,6 @@ def _ratios(ours: dict, peer: dict) -> dict:
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mistral-serve bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", help="an OpenAI-compatible server to measure (not with --side-by-side)")
@@ -304,7 +294,7 @@ def main(argv: list[str]) -> int:
     vllm_bin = (str(Path(a.vllm_python).parent / "vllm") if a.vllm_python and a.peer_client == "auto" else None)
     out_dir = Path(a.json).parent if a.json else Path(".")
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict = {"cpu_model": _cpu_model(), "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    report: dict = {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "scenarios": {s.name: s.__dict__ for s in scenarios}, "command": " ".join(["mistral-serve", "bench",
                                                                                                 "serve", *argv])}
     if a.side_by_side:
