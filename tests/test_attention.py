@@ -147,3 +147,4 @@ def test_decode_buckets_rule():
     assert decode_buckets([10, 9, 5, 4, 2, 1], 0) == [(0, 2), (2, 4), (4, 5), (5, 6)]
     assert decode_buckets([512, 16, 16, 8], 64) == [(0, 1), (1, 4)]
     assert decode_buckets([64, 1, 1], 64) == [(0, 3)]
+    assert decode_buckets([4, 2, 1]) == [(0, 3)] and decode_buckets([26, 13, 7]) == [(0, 1), (1, 3)]

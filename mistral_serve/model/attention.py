@@ -11,11 +11,13 @@ sequence's keys, so the step is split into groups, one SDPA call each per layer:
   sequence no longer pads 63 short ones to 32K (the padded gather was ~20x the real KV in
   that case, for every layer of every step). A boolean mask [S, 1, 1, Lk] marks padding and
   the sliding window. Measured on CPU (``mistral_serve.bench.attention_bench``,
-  docs/bench/attention-cpu.json): bucketing beats both one padded call (the old layout: 5-6x
-  slower on 1 x 8K + 63 x 256) and gathering only each sequence's own blocks with one SDPA
-  call per sequence (no padding at all, but 64 calls per layer: per-call overhead dominates
-  at the shared workload's 100-400-token contexts). Buckets are not split below
-  ``MIN_SPLIT_BLOCKS`` blocks, where another call costs more than the padding it saves.
+  docs/bench/attention-cpu.json), bucketing beats both alternatives: one call padded to the
+  longest (the old layout) is ~35x slower on 1 x 8K + 63 x 256, and gathering only each
+  sequence's own blocks with one SDPA call per sequence (no padding at all) pays 64 calls per
+  layer, ~2x slower than two buckets on both that case and the shared workload's 64 x 100-400
+  tokens. Even there, where the 2x rule saves only ~20% of the padded rows, two buckets run
+  ~2.5x faster than one: each bucket's gathered K/V copy is small enough to still be in cache
+  when SDPA reads it. Buckets of at most ``MIN_SPLIT_BLOCKS`` blocks are not split further.
 * **causal prefill**: a chunk that starts at position 0 (the whole prompt in one chunk, the
   common case) and fits in the sliding window attends to exactly its own keys, causally: SDPA
   with ``is_causal=True`` on the chunk's own freshly projected K/V rows, no cache gather and
@@ -42,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 DECODE, CAUSAL, MASKED = "decode", "causal", "masked"
-# Decode buckets are not split while their longest member has at most this many blocks
-# (16-token blocks: 1K tokens); below it the extra SDPA call costs more than the padding.
-MIN_SPLIT_BLOCKS = 64
+# Decode buckets are not split while their longest member has at most this many blocks: tiny
+# buckets would only add SDPA calls (splitting at 16 blocks measured no better than at 0).
+MIN_SPLIT_BLOCKS = 4
 
 
 @dataclass
