@@ -4,9 +4,10 @@
 
 Each case builds 64 sequences and, every step, samples from fixed logits (N(0, 3^2), seed 0)
 and appends the chosen tokens as the engine does, so per-sequence state is exercised as in
-serving. ``--baseline`` loads another sampler module from a file (e.g. the committed one via
-``git show HEAD~1:mistral_serve/engine/sampler.py > /tmp/old_sampler.py``) and times it
-interleaved with the current one, step by step, so machine load hits both alike.
+serving. ``--baseline`` loads another sampler module from a file (e.g. an earlier version via
+``git show e2514ec:mistral_serve/engine/sampler.py > /tmp/old_sampler.py``, the last
+per-row-loop sampler) and times it interleaved with the current one, step by step, so
+machine load hits both alike.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=15, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--note", help="free text stored in the report (e.g. what the baseline is)")
     a = p.parse_args(argv)
     impls = {"current": current_sampler}
     if a.baseline:
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "numpy": np.__version__,
                     "loadavg_1m_at_end": os.getloadavg()[0]},
+        "baseline": a.baseline,
+        "note": a.note,
         "cases": CASES,
         "results_ms": results,
     }
