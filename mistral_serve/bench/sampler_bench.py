@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mistral_serve.bench.measure import cpu_model
 from mistral_serve.engine import sampler as current_sampler
 from mistral_serve.engine.sampling_params import SamplingParams
 from mistral_serve.engine.sequence import Sequence
@@ -44,16 +44,6 @@ CASES: dict[str, dict] = {
     "temperature_0.8_top_k_50": dict(temperature=0.8, top_k=50),
     "greedy_logprobs_5": dict(temperature=0.0, logprobs=5),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_sampler(path: str):
