@@ -214,7 +214,9 @@ def test_retry_avoids_the_replica_that_failed_it():
     from collections import namedtuple
     from types import SimpleNamespace
 
-    from mistral_serve.serving.request_router import AVOID_REPLICAS_KEY, LeastQueueDepthRouter
+    from mistral_serve.engine.sampling_params import SamplingParams
+    from mistral_serve.serving.request_router import LeastQueueDepthRouter
+    from mistral_serve.serving.wire import GenerateRequest
 
     replica_id = namedtuple("ReplicaID", "unique_id")  # hashable, like Serve's
 
@@ -237,9 +239,12 @@ def test_retry_avoids_the_replica_that_failed_it():
         pending = SimpleNamespace(args=[payload], kwargs={})
         return [r[0].replica_id.unique_id for r in asyncio.run(router.choose_replicas(candidates, pending))]
 
-    assert ranking([victim, busy], {"request_id": "a"}) == ["victim", "busy"]  # idle wins
-    assert ranking([victim, busy], {"request_id": "a", AVOID_REPLICAS_KEY: ["victim"]}) == ["busy", "victim"]
-    assert ranking([victim], {"request_id": "a", AVOID_REPLICAS_KEY: ["victim"]}) == ["victim"]
+    def request(avoid=()):
+        return GenerateRequest("a", [1], SamplingParams(), avoid_replicas=list(avoid))
+
+    assert ranking([victim, busy], request()) == ["victim", "busy"]  # idle wins
+    assert ranking([victim, busy], request(["victim"])) == ["busy", "victim"]
+    assert ranking([victim], request(["victim"])) == ["victim"]
 
 
 # ---- metric names are exactly docs/metrics.md's -----------------------------------------------------------
@@ -283,8 +288,11 @@ async def _new_replica(args):
 
 
 def _req(rid, stream, max_tokens=12, **sampling):
-    return {"request_id": rid, "prompt_token_ids": [1, 1500, 1600], "stream": stream,
-            "sampling": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **sampling}}
+    from mistral_serve.engine.sampling_params import SamplingParams
+    from mistral_serve.serving.wire import GenerateRequest
+
+    return GenerateRequest(rid, [1, 1500, 1600], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                                                                **sampling), stream=stream)
 
 
 @pytest.mark.timeout(120)
@@ -294,20 +302,21 @@ def test_replica_messages_coalescing_abort_and_health(replica_args):
         try:
             # non-streaming: the first token (start signal) and the final message, nothing else
             msgs = [m async for m in r.generate(_req("a", stream=False))]
-            assert len(msgs) == 2 and msgs[-1]["finish_reason"] == "length"
-            assert sum(m["n"] for m in msgs) == 12 and msgs[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 12}
-            assert msgs[-1]["cost_usd"] > 0
-            text = "".join(m["text"] for m in msgs)
+            assert len(msgs) == 2 and msgs[-1].finish_reason == "length"
+            assert sum(m.num_tokens for m in msgs) == 12
+            assert (msgs[-1].prompt_tokens, msgs[-1].completion_tokens) == (3, 12)
+            assert msgs[-1].cost_usd > 0
+            text = "".join(m.text for m in msgs)
             # streaming: same text; with a 30 ms interval tokens are merged into fewer messages
             r.interval_s = 0.03
             r.engine.before_step = lambda: __import__("time").sleep(0.01)  # ~10 ms steps
             smsgs = [m async for m in r.generate(_req("b", stream=True))]
-            assert "".join(m["text"] for m in smsgs) == text
-            assert 2 <= len(smsgs) < 12, [m["n"] for m in smsgs]
+            assert "".join(m.text for m in smsgs) == text
+            assert 2 <= len(smsgs) < 12, [m.num_tokens for m in smsgs]
             r.engine.before_step = None
             # logprobs travel as (token, logprob, top) triples
             lp = [m async for m in r.generate(_req("c", stream=False, max_tokens=3, logprobs=2))]
-            triples = [t for m in lp for t in m["logprobs"]]
+            triples = [t for m in lp for t in m.logprobs]
             assert len(triples) == 3 and all(len(top) == 2 for _, _, top in triples)
             # closing a stream early aborts the request and frees its KV blocks
             for stream in (True, False):
@@ -323,7 +332,7 @@ def test_replica_messages_coalescing_abort_and_health(replica_args):
                 assert s["kv_blocks_used"] == 0 and s["num_running"] == 0 and r._ongoing == 0
             # an invalid request comes back as an error message, not an exception
             bad = [m async for m in r.generate(_req("e", stream=False, max_tokens=300))]
-            assert bad[0]["error"]["status"] == 400 and bad[0]["error"]["reason"] == "context_length"
+            assert bad[0].status == 400 and bad[0].kind == "context_length"
             # routing / autoscaling stats
             stats = r.record_routing_stats()
             assert stats["capacity"] == 4 and stats["kv_usage"] == 0
@@ -349,7 +358,7 @@ def test_replica_messages_coalescing_abort_and_health(replica_args):
 
             r.engine.before_step = boom
             dead = [m async for m in r.generate(_req("g", stream=False))]
-            assert dead[0]["error"]["status"] == 503
+            assert dead[0].status == 503
             with pytest.raises(Exception, match="engine"):
                 await r.check_health()
         finally:

@@ -30,7 +30,16 @@ from mistral_serve.tokenizer.detokenizer import IncrementalDetokenizer
 
 
 class RequestError(ValueError):
-    """A request the engine cannot serve (too long, bad ids); the message is client-facing."""
+    """A request the engine cannot serve (too long, bad ids); the message is client-facing.
+    ``kind``: ``"context_length"`` when prompt + max_tokens exceed the model's context, else
+    ``"invalid_request"`` (the replica maps it onto its error message without reading the text)."""
+
+    def __init__(self, message: str, kind: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keeps ``kind`` across pickling
+        return type(self), (str(self), self.kind)
 
 
 class LLMEngine:
@@ -111,7 +120,8 @@ class LLMEngine:
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{total} tokens ({len(ids)} in the messages, {params.max_tokens or 0} in the completion). "
-                "Please reduce the length of the messages or completion."
+                "Please reduce the length of the messages or completion.",
+                kind="context_length",
             )
         need = self.block_manager.max_blocks_per_seq(total)
         if need > self.block_manager.num_blocks:

@@ -28,10 +28,10 @@ from typing import Any
 from ray import serve
 
 from mistral_serve.engine.async_engine import AsyncLLM, EngineDeadError, RequestError
-from mistral_serve.engine.sampling_params import SamplingParams
 from mistral_serve.serving.config import AppArgs, resolve_model
 from mistral_serve.serving.cost import BusyIdleMeter, request_cost_usd
 from mistral_serve.serving.stream_pacing import StreamPacer
+from mistral_serve.serving.wire import Delta, Final, GenerateRequest, ReplicaError
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,7 +49,6 @@ class _Accumulator:
         self.num_tokens = 0
         self.logprobs: list | None = [] if want_logprobs else None
         self.finish_reason: str | None = None
-        self.stop_reason = None
         self.metrics = None
         self.finished = False
         self.prompt_tokens = 0
@@ -67,16 +66,19 @@ class _Accumulator:
                 self.logprobs.append(_format_logprobs(tok, entry, self.tokenizer, self.k))
         if out.finished:
             self.finished = True
-            self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
+            self.finish_reason = c.finish_reason
             self.metrics = out.metrics
 
-    def take(self) -> dict:
-        msg: dict[str, Any] = {"text": "".join(self.text), "n": self.num_tokens}
+    def take(self) -> tuple[str, int, list | None]:
+        """(text, number of tokens, logprobs or None) since the last take."""
+        out = ("".join(self.text), self.num_tokens, self.logprobs)
         if self.logprobs is not None:
-            msg["logprobs"] = self.logprobs
             self.logprobs = []
         self.text, self.num_tokens = [], 0
-        return msg
+        return out
+
+    def delta(self) -> Delta:
+        return Delta(*self.take())
 
 
 def _format_logprobs(token: int, entry: dict[int, float] | None, tokenizer, k: int) -> tuple:
@@ -128,25 +130,24 @@ class LLMReplica:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    async def generate(self, req: dict):
-        """Async generator of message dicts: ``{"text", "n"[, "logprobs"]}`` then a final one
-        that also has ``finish_reason``, ``usage`` and ``cost_usd``. Errors travel as
-        ``{"error": {...}}`` so the Router can map them to an HTTP status."""
-        rid = req["request_id"]
+    async def generate(self, req: GenerateRequest):
+        """Async generator of wire messages (wire.py): ``Delta``s, then one ``Final``; or a
+        ``ReplicaError`` instead, which the Router maps onto an HTTP status (or a retry)."""
+        rid = req.request_id
         if self._failed is not None:
-            yield {"error": {"status": 503, "message": f"The model replica failed: {self._failed}",
-                             "reason": "no_replica", "replica": _replica_id()}}
+            yield ReplicaError("replica_failed", f"The model replica failed: {self._failed}", _replica_id())
             return
         if self._recent_prompts is not None:
-            self._recent_prompts.append((rid, list(req["prompt_token_ids"])))
+            self._recent_prompts.append((rid, list(req.prompt_token_ids)))
+        params = req.sampling
         try:
-            params = SamplingParams(**req["sampling"])
+            params.validate()  # the Router built and validated it; unpickling skips __post_init__
         except (TypeError, ValueError) as exc:
-            yield {"error": {"status": 400, "message": str(exc), "reason": "invalid_request"}}
+            yield ReplicaError("invalid_request", str(exc))
             return
-        stream = bool(req.get("stream"))
+        stream = bool(req.stream)
         acc = _Accumulator(params.logprobs, self.tokenizer)
-        outputs = self.engine.generate(req["prompt_token_ids"], params, rid, req.get("priority", 0))
+        outputs = self.engine.generate(req.prompt_token_ids, params, rid, req.priority)
         messages = self._messages(rid, outputs, acc, stream)
         self._ongoing += 1
         failed = False
@@ -155,11 +156,10 @@ class LLMReplica:
                 yield msg
         except RequestError as exc:
             failed = True
-            yield {"error": {"status": 400, "message": str(exc), "reason": _request_error_reason(str(exc))}}
+            yield ReplicaError("context_length" if exc.kind == "context_length" else "invalid_request", str(exc))
         except EngineDeadError as exc:
             failed = True
-            yield {"error": {"status": 503, "message": f"The model replica failed: {exc}", "reason": "no_replica",
-                             "replica": _replica_id()}}
+            yield ReplicaError("replica_failed", f"The model replica failed: {exc}", _replica_id())
         finally:
             self._ongoing -= 1
             # No-ops when finished. On a disconnect or deadline (Serve cancels this call, or
@@ -171,9 +171,9 @@ class LLMReplica:
             if not acc.finished and not failed and self.metrics is not None:
                 self.metrics.finished("abort", None)
                 aborted = acc.aborted
-                if aborted is not None and aborted.metrics is not None and req.get("tenant"):
-                    self.metrics.bill_aborted(req["tenant"], request_cost_usd(aborted.metrics.compute_seconds,
-                                                                              self.price))
+                if aborted is not None and aborted.metrics is not None and req.tenant:
+                    self.metrics.bill_aborted(req.tenant, request_cost_usd(aborted.metrics.compute_seconds,
+                                                                           self.price))
 
     async def _messages(self, rid: str, outputs, acc: _Accumulator, stream: bool):
         """Messages of one request. Streaming: the first token at once, then at most one message
@@ -213,7 +213,7 @@ class LLMReplica:
                 if first or stream:
                     first = False
                     last_sent = loop.time()
-                    yield acc.take()
+                    yield acc.delta()
         finally:
             if pacer is not None:
                 pacer.closed()
@@ -225,22 +225,15 @@ class LLMReplica:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    def _final(self, acc: _Accumulator) -> dict:
-        msg = acc.take()
+    def _final(self, acc: _Accumulator) -> Final:
+        text, num_tokens, logprobs = acc.take()
         m = acc.metrics
         compute = m.compute_seconds if m is not None else 0.0
         gen = m.num_generation_tokens if m is not None else 0
         prompt = m.num_prompt_tokens if m is not None else acc.prompt_tokens
-        msg.update(
-            finish_reason=acc.finish_reason,
-            stop_reason=acc.stop_reason if isinstance(acc.stop_reason, (str, int)) else None,
-            usage={"prompt_tokens": prompt, "completion_tokens": gen},
-            cost_usd=request_cost_usd(compute, self.price),
-            compute_seconds=compute,
-        )
         if self.metrics is not None:
             self.metrics.finished(acc.finish_reason or "stop", m)
-        return msg
+        return Final(text, num_tokens, logprobs, acc.finish_reason, prompt, gen, request_cost_usd(compute, self.price))
 
     # ---- Serve hooks --------------------------------------------------------------------------
 
@@ -378,10 +371,6 @@ class LLMReplica:
 def _drain(queue: asyncio.Queue, acc: _Accumulator) -> None:
     while not queue.empty() and not acc.finished:
         acc.add(queue.get_nowait())
-
-
-def _request_error_reason(message: str) -> str:
-    return "context_length" if "maximum context length" in message else "invalid_request"
 
 
 def _replica_id() -> str:

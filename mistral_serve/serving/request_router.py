@@ -13,7 +13,8 @@ replicas by
 where ``ongoing`` is the caller's fresh queue-length cache (updated on every send and probe),
 falling back to the reported value, and send to the best one that still has a free slot
 (``max_ongoing_requests``); the base class probes and backs off as usual. A request the Router
-retries after a replica failed it lists that replica in its payload, which then ranks last.
+retries after a replica failed it lists that replica in its ``GenerateRequest.avoid_replicas``
+(wire.py), which then ranks last.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from __future__ import annotations
 import math
 import random
 
-# Payload key of the replica ids a retried request must avoid (set by the Router).
-AVOID_REPLICAS_KEY = "avoid_replicas"
-
 from ray.serve.request_router import FIFOMixin, LocalityMixin, PendingRequest, RequestRouter, RunningReplica
+
+from mistral_serve.serving.wire import GenerateRequest
 
 
 def queue_depth(stats: dict | None, ongoing: int | None, max_ongoing: int) -> float:
@@ -56,8 +56,9 @@ class LeastQueueDepthRouter(FIFOMixin, LocalityMixin, RequestRouter):
 
 
 def avoided_replicas(pending_request: PendingRequest | None) -> set[str]:
-    """Replica ids a retried request must not go back to (the Router's payload lists the ones
-    that failed it), unless nothing else is left."""
+    """Replica ids a retried request must not go back to (its ``GenerateRequest.avoid_replicas``
+    lists the ones that failed it), unless nothing else is left. Other calls (stats, test hooks)
+    avoid nothing."""
     args = pending_request.args if pending_request is not None else ()
-    payload = args[0] if args and isinstance(args[0], dict) else {}
-    return set(payload.get(AVOID_REPLICAS_KEY, ()))
+    req = args[0] if args else None
+    return set(req.avoid_replicas) if isinstance(req, GenerateRequest) else set()

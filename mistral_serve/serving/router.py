@@ -53,8 +53,8 @@ from mistral_serve.serving.openai_protocol import (
     usage_dict,
 )
 from mistral_serve.serving.redact import redact
-from mistral_serve.serving.request_router import AVOID_REPLICAS_KEY
 from mistral_serve.serving.tenants import build_tenants
+from mistral_serve.serving.wire import Delta, Final, GenerateRequest, ReplicaError
 from mistral_serve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("ray.serve")
@@ -100,12 +100,14 @@ def _json_body(model) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-def _retryable(err: AdmissionError, replica: str | None = None) -> AdmissionError:
-    """Marks a replica failure: safe to send again elsewhere while nothing reached the client.
-    ``replica``: the failed replica's id when it said so, for the retry to avoid it."""
-    err.retryable = True
-    err.failed_replica = replica
-    return err
+class ReplicaFailedError(AdmissionError):
+    """A replica failure (503 ``no_replica``): the one kind of error ``_run`` retries on another
+    replica, safe while nothing reached the client. ``failed_replica``: the failed replica's id
+    when it said so, for the retry to avoid it."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None, failed_replica: str | None = None) -> None:
+        super().__init__(503, message, reason="no_replica", retry_after_s=retry_after_s)
+        self.failed_replica = failed_replica
 
 
 def _sse_line(obj: dict) -> str:
@@ -342,21 +344,21 @@ class Router:
                 raise AdmissionError(503, "No model replica is ready; retry shortly.", reason="no_replica",
                                      retry_after_s=self.adm.retry_after_s)
             ticket = await self._admit(tenant, len(ids), len(ids) + max_tokens)
-            payload = {
-                "request_id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "prompt_token_ids": ids,
-                "sampling": dataclasses.asdict(params),
-                "stream": bool(req.stream),
-                "priority": self.limits.get(tenant, Limits()).priority,
-                "tenant": tenant,  # the replica bills compute of requests aborted by their client
-            }
-            ticket.request_id = payload["request_id"]
+            gen_req = GenerateRequest(
+                request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                prompt_token_ids=ids,
+                sampling=params,
+                stream=bool(req.stream),
+                priority=self.limits.get(tenant, Limits()).priority,
+                tenant=tenant,  # the replica bills compute of requests aborted by their client
+            )
+            ticket.request_id = gen_req.request_id
             ticket.serve_request_id = serve_request_id
             if self.adm.log_prompts:
                 ticket.prompt_log = redact(self.tokenizer.decode(ids, skip_special_tokens=False))
                 ticket.completion_log = []
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            response = await self._run(payload, ticket, chat, bool(req.stream), include_usage, t0)
+            response = await self._run(gen_req, ticket, chat, bool(req.stream), include_usage, t0)
             if warning:
                 response.headers["x-context-warning"] = warning
             return response
@@ -450,35 +452,34 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _run(self, payload: dict, ticket: _Ticket, chat: bool, stream: bool, include_usage: bool,
+    async def _run(self, gen_req: GenerateRequest, ticket: _Ticket, chat: bool, stream: bool, include_usage: bool,
                    t0: float) -> Response:
         deadline = t0 + self.adm.request_timeout_s
         start_deadline = min(deadline, time.monotonic() + self.adm.queue_timeout_s)
         for attempt in range(1, START_ATTEMPTS + 1):
-            gen = self._llm_stream.generate.remote(payload)
+            gen = self._llm_stream.generate.remote(gen_req)
             try:
                 first = await self._next(gen, start_deadline, queued=True)
                 break
-            except AdmissionError as exc:
+            except ReplicaFailedError as exc:
                 gen.cancel()
                 backoff = 0.2 * attempt
-                if (not getattr(exc, "retryable", False) or attempt == START_ATTEMPTS
-                        or time.monotonic() + backoff >= start_deadline):
+                if attempt == START_ATTEMPTS or time.monotonic() + backoff >= start_deadline:
                     raise
                 logger.warning("request %s id=%s: replica failed before the first token (%s); retrying on another "
-                               "replica (attempt %d)", ticket.serve_request_id, payload["request_id"], exc.message,
+                               "replica (attempt %d)", ticket.serve_request_id, gen_req.request_id, exc.message,
                                attempt + 1)
-                if getattr(exc, "failed_replica", None):
+                if exc.failed_replica:
                     # Until its failure reaches every caller's routing stats, the failed replica
                     # (idle, so it looks least loaded) would win the retry: request_router.py ranks
                     # the replicas named here last.
-                    payload.setdefault(AVOID_REPLICAS_KEY, []).append(exc.failed_replica)
+                    gen_req.avoid_replicas.append(exc.failed_replica)
                 await asyncio.sleep(backoff)
             except BaseException:
                 gen.cancel()
                 raise
         self._mark_started(ticket)
-        rid, created = payload["request_id"], int(time.time())
+        rid, created = gen_req.request_id, int(time.time())
         if stream:
             body = self._stream(gen, first, ticket, rid, created, chat, include_usage, deadline, t0)
             # If the response is never iterated (client gone before it starts), the generator's
@@ -490,9 +491,9 @@ class Router:
         try:
             while True:
                 self._absorb(ticket, msg)
-                texts.append(msg["text"])
-                lps.extend(msg.get("logprobs") or [])
-                if "finish_reason" in msg:
+                texts.append(msg.text)
+                lps.extend(msg.logprobs or ())
+                if isinstance(msg, Final):
                     break
                 msg = await self._next(gen, deadline)
         except BaseException:
@@ -500,17 +501,18 @@ class Router:
             raise
         ticket.finished = True
         usage = usage_dict(ticket.prompt_tokens, ticket.generated, ticket.cost_usd)
-        want_lp = payload["sampling"]["logprobs"] is not None
+        want_lp = gen_req.sampling.logprobs is not None
         if chat:
-            out = chat_response(rid, self.model_name, created, "".join(texts), msg["finish_reason"],
+            out = chat_response(rid, self.model_name, created, "".join(texts), msg.finish_reason,
                                 chat_logprobs(lps) if want_lp else None, usage)
         else:
-            out = completion_response(rid, self.model_name, created, "".join(texts), msg["finish_reason"],
+            out = completion_response(rid, self.model_name, created, "".join(texts), msg.finish_reason,
                                       completion_logprobs(lps) if want_lp else None, usage)
         return JSONResponse(out, headers={"x-request-cost-usd": f"{ticket.cost_usd or 0:.12f}"})
 
-    async def _next(self, gen, deadline: float, queued: bool = False) -> dict:
-        """The next replica message within the deadline, errors mapped to AdmissionError."""
+    async def _next(self, gen, deadline: float, queued: bool = False) -> Delta | Final:
+        """The next replica message within the deadline, errors mapped to AdmissionError (a
+        ReplicaFailedError when another replica may succeed)."""
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         timeout = deadline - time.monotonic()
@@ -528,8 +530,8 @@ class Router:
             raise AdmissionError(504, f"The request exceeded its deadline of {self.adm.request_timeout_s:g} s.",
                                  reason="deadline", code="deadline_exceeded") from None
         except StopAsyncIteration:
-            raise _retryable(AdmissionError(503, "The model replica ended the stream unexpectedly.",
-                                            reason="no_replica", retry_after_s=self.adm.retry_after_s)) from None
+            raise ReplicaFailedError("The model replica ended the stream unexpectedly.",
+                                     retry_after_s=self.adm.retry_after_s) from None
         except BackPressureError:
             raise AdmissionError(429, "The server is overloaded: the model replicas' queues are full.",
                                  reason="queue_full", retry_after_s=self.gate.retry_after()) from None
@@ -540,14 +542,13 @@ class Router:
             raise
         except Exception as exc:  # noqa: BLE001 - a replica died mid-request, Ray errors
             logger.warning("replica call failed: %s", type(exc).__name__)
-            raise _retryable(AdmissionError(503, "The model replica failed; retry the request.", reason="no_replica",
-                                            retry_after_s=self.adm.retry_after_s)) from None
-        if "error" in msg:
-            e = msg["error"]
-            err = AdmissionError(e["status"], e["message"], reason=e["reason"],
-                                 code="context_length_exceeded" if e["reason"] == "context_length" else None,
-                                 retry_after_s=self.adm.retry_after_s if e["status"] >= 500 else None)
-            raise _retryable(err, e.get("replica")) if e["reason"] == "no_replica" else err
+            raise ReplicaFailedError("The model replica failed; retry the request.",
+                                     retry_after_s=self.adm.retry_after_s) from None
+        if isinstance(msg, ReplicaError):
+            if msg.retryable:
+                raise ReplicaFailedError(msg.message, retry_after_s=self.adm.retry_after_s, failed_replica=msg.replica)
+            raise AdmissionError(msg.status, msg.message, reason=msg.kind,
+                                 code="context_length_exceeded" if msg.kind == "context_length" else None)
         return msg
 
     def _abandon(self, gen, ticket: _Ticket) -> None:
@@ -557,16 +558,15 @@ class Router:
             self._release(ticket)
 
     @staticmethod
-    def _absorb(ticket: _Ticket, msg: dict) -> None:
-        ticket.generated += msg.get("n", 0)
+    def _absorb(ticket: _Ticket, msg: Delta | Final) -> None:
+        ticket.generated += msg.num_tokens
         if ticket.completion_log is not None:
-            ticket.completion_log.append(msg.get("text", ""))
-        if "finish_reason" in msg:
-            usage = msg.get("usage") or {}
-            ticket.generated = usage.get("completion_tokens", ticket.generated)
-            ticket.cost_usd = msg.get("cost_usd")
+            ticket.completion_log.append(msg.text)
+        if isinstance(msg, Final):
+            ticket.generated = msg.completion_tokens
+            ticket.cost_usd = msg.cost_usd
 
-    async def _stream(self, gen, first: dict, ticket: _Ticket, rid: str, created: int, chat: bool, include_usage: bool,
+    async def _stream(self, gen, first: Delta | Final, ticket: _Ticket, rid: str, created: int, chat: bool, include_usage: bool,
                    deadline: float, t0: float):
         model = self.model_name
         status = 200
@@ -576,20 +576,20 @@ class Router:
             msg = first
             while True:
                 self._absorb(ticket, msg)
-                final = "finish_reason" in msg
-                lp = msg.get("logprobs")
-                if msg["text"] or lp or (final and not chat):
+                final = isinstance(msg, Final)
+                lp = msg.logprobs
+                if msg.text or lp or (final and not chat):
                     if chat:
-                        chunk = chat_chunk(rid, model, created, {"content": msg["text"]}, None,
+                        chunk = chat_chunk(rid, model, created, {"content": msg.text}, None,
                                            chat_logprobs(lp) if lp else None)
                     else:
-                        chunk = completion_chunk(rid, model, created, msg["text"], msg.get("finish_reason"),
+                        chunk = completion_chunk(rid, model, created, msg.text, msg.finish_reason if final else None,
                                                  completion_logprobs(lp) if lp else None)
                     yield _sse_line(chunk)
                 if final:
                     ticket.finished = True
                     if chat:
-                        yield _sse_line(chat_chunk(rid, model, created, {}, msg["finish_reason"], None))
+                        yield _sse_line(chat_chunk(rid, model, created, {}, msg.finish_reason, None))
                     if include_usage:
                         usage = usage_dict(ticket.prompt_tokens, ticket.generated, ticket.cost_usd)
                         obj = "chat.completion.chunk" if chat else "text_completion"
