@@ -14,6 +14,7 @@ from mistral_serve.capacity import (
     cuda_kv_budget,
     kv_blocks_for_budget,
 )
+from mistral_serve.engine import validation
 from mistral_serve.engine.args import EngineArgs
 from mistral_serve.engine.block_manager import BlockManager
 from mistral_serve.engine.model_runner import ModelRunner
@@ -109,20 +110,16 @@ class LLMEngine:
         Reads only immutable engine facts, so the async engine calls it from the event loop.
         """
         if not ids:
-            raise RequestError("the prompt is empty")
+            raise RequestError(validation.EMPTY_PROMPT)
         vocab = self.config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in params.stop_token_ids):
-            raise RequestError(f"stop_token_ids must be integers in [0, {vocab})")
+        if validation.bad_token_ids(ids, vocab):
+            raise RequestError(validation.prompt_ids_message(vocab))
+        if validation.bad_token_ids(params.stop_token_ids, vocab):
+            raise RequestError(validation.stop_ids_message(vocab))
         total = len(ids) + (params.max_tokens or 0)
-        if len(ids) >= self.max_model_len or total > self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({len(ids)} in the messages, {params.max_tokens or 0} in the completion). "
-                "Please reduce the length of the messages or completion.",
-                kind="context_length",
-            )
+        if validation.exceeds_context(len(ids), params.max_tokens, self.max_model_len):
+            raise RequestError(validation.context_length_message(self.max_model_len, len(ids), params.max_tokens or 0),
+                               kind="context_length")
         need = self.block_manager.max_blocks_per_seq(total)
         if need > self.block_manager.num_blocks:
             raise RequestError(f"the request needs {need} KV blocks but the pool holds {self.block_manager.num_blocks}")

@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mistral_serve.engine import validation
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.serving.admission import (
     ANONYMOUS,
@@ -337,9 +338,9 @@ class Router:
             if warning and self.metrics:
                 self.metrics.soft_context_exceeded(tenant, "warn")
             params = req.sampling_params(max_tokens, logprobs)
-            if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
-                raise AdmissionError(400, f"stop_token_ids must be integers in [0, {self.vocab_size}).",
-                                     reason="invalid_request", param="stop_token_ids")
+            if validation.bad_token_ids(params.stop_token_ids, self.vocab_size):
+                raise AdmissionError(400, validation.stop_ids_message(self.vocab_size), reason="invalid_request",
+                                     param="stop_token_ids")
             if self.ready_replicas == 0:
                 raise AdmissionError(503, "No model replica is ready; retry shortly.", reason="no_replica",
                                      retry_after_s=self.adm.retry_after_s)
@@ -659,10 +660,10 @@ class Router:
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:
-            raise AdmissionError(400, "The prompt is empty.", reason="invalid_request", param="prompt")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
-            raise AdmissionError(400, f"Prompt token ids must be integers in [0, {self.vocab_size}).",
-                                 reason="invalid_request", param="prompt")
+            raise AdmissionError(400, validation.EMPTY_PROMPT, reason="invalid_request", param="prompt")
+        if validation.bad_token_ids(ids, self.vocab_size):
+            raise AdmissionError(400, validation.prompt_ids_message(self.vocab_size), reason="invalid_request",
+                                 param="prompt")
         return ids
 
     def _encode_chat(self, req: ChatCompletionRequest) -> list[int]:
