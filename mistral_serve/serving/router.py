@@ -196,6 +196,7 @@ class Router:
         self.gate = QueueGate(adm.max_waiting_requests or 2 * self.args.max_num_seqs * (
             replicas if isinstance(replicas, int) else 1), adm.max_waiting_tokens, adm.retry_after_s,
             max_wait_s=adm.max_queue_wait_s)
+        self.gate.batch_slots = self.args.max_num_seqs * (replicas if isinstance(replicas, int) else 1)
         self.llm = llm
         self._llm_stream = llm.options(stream=True)  # made once: options() builds a new handle
         self.state = state if adm.shared_state else None
@@ -381,6 +382,7 @@ class Router:
         status poll learns their number, which is the only place it changes."""
         if self.ready_replicas:
             self.gate.max_requests = self.adm.max_waiting_requests or 2 * self.args.max_num_seqs * self.ready_replicas
+            self.gate.batch_slots = self.args.max_num_seqs * self.ready_replicas
 
     async def _admit(self, tenant: str, prompt_tokens: int, reserve_tokens: int) -> _Ticket:
         self.gate.try_enter(prompt_tokens).raise_if_rejected()
@@ -422,6 +424,8 @@ class Router:
         ticket.released = True
         if not ticket.started:
             self.gate.leave(ticket.prompt_tokens, started=False)
+        else:
+            self.gate.finish()
         used = ticket.prompt_tokens + ticket.generated
         unused = ticket.reserved_tokens - used
         if unused > 0:
