@@ -78,7 +78,10 @@ def fault_server_args() -> dict:
                      "health_check_timeout_s": 5, "graceful_shutdown_timeout_s": 30, "routing_stats_period_s": 0.5,
                      "test_hooks": True},
         "router": {"num_replicas": 1, "num_cpus": 0.05, "status_poll_interval_s": 0.5},
-        "admission": {"api_keys_env": None, "max_waiting_requests": 64, "queue_timeout_s": 60,
+        # Count bound only: these tests kill and wedge replicas on purpose, and the time bound
+        # (max_queue_wait_s, on by default) would rightly refuse with 429 while nothing starts;
+        # what they check is the retry and failure path (200 or 503).
+        "admission": {"api_keys_env": None, "max_waiting_requests": 64, "max_queue_wait_s": None, "queue_timeout_s": 60,
                       "request_timeout_s": 120, "log_prompts": True},
     }
 
