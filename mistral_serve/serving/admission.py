@@ -10,6 +10,7 @@ HTTP status, the OpenAI error body fields, the metrics ``reason`` and an optiona
 
 from __future__ import annotations
 
+from mistral_serve.engine.validation import context_length_message  # one wording, the engine's (OpenAI's)
 import hashlib
 import hmac
 import json
@@ -445,16 +446,6 @@ class QueueGate:
 
 
 # ---- context length -----------------------------------------------------------------------------
-
-
-def context_length_message(max_model_len: int, prompt_tokens: int, max_tokens: int) -> str:
-    """The engine's wording (mistral_serve/engine/llm_engine.py), which is OpenAI's."""
-    total = prompt_tokens + max_tokens
-    return (
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{total} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
-        "Please reduce the length of the messages or completion."
-    )
 
 
 def check_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int,
