@@ -10,7 +10,6 @@ HTTP status, the OpenAI error body fields, the metrics ``reason`` and an optiona
 
 from __future__ import annotations
 
-from mistral_serve.engine.validation import context_length_message  # one wording, the engine's (OpenAI's)
 import hashlib
 import hmac
 import json
@@ -20,6 +19,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mistral_serve.engine.validation import context_length_message  # one wording, the engine's (OpenAI's)
 
 ANONYMOUS = "anonymous"
 
