@@ -9,6 +9,7 @@ Per request we record, from the SSE stream:
     output_tokens / prompt_tokens from the final ``usage`` chunk (``stream_options.include_usage``);
                without one, output_tokens falls back to the number of content chunks
     cost_usd   ``usage.cost_usd`` when the server reports it
+    cached_tokens  ``usage.prompt_tokens_details.cached_tokens`` (prefix cache) when reported
     status     HTTP status (0 when no response: connect error, timeout, cancelled)
     outcome    ``ok`` (2xx and a complete stream), ``rejected`` (429 / 503), ``error`` (anything
                else, including a 2xx whose stream broke off or carried an error object)
@@ -50,6 +51,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     usage_reported: bool = False
     cost_usd: float | None = None
+    cached_tokens: int | None = None
     finish_reason: str | None = None
 
     @property
@@ -195,6 +197,9 @@ async def send_request(
                     record.prompt_tokens = usage.get("prompt_tokens")
                     if usage.get("cost_usd") is not None:
                         record.cost_usd = float(usage["cost_usd"])
+                    details = usage.get("prompt_tokens_details") or {}
+                    if details.get("cached_tokens") is not None:
+                        record.cached_tokens = int(details["cached_tokens"])
             record.e2e_s = time.perf_counter() - t_send
             if not record.usage_reported:
                 record.output_tokens = record.chunks

@@ -20,6 +20,7 @@ from mistral_serve.kv_budget import (  # noqa: F401
     kv_blocks_for_budget,
 )
 from mistral_serve.model.config import ModelConfig
+from mistral_serve.model.quantization.footprint import weight_bytes
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Plan:
     dtype_bytes: int
     max_model_len: int
     parameters: int
+    quantization: str
     weight_bytes: int
     kv_bytes_per_token: int
     kv_bytes_per_token_without_gqa: int
@@ -104,9 +106,12 @@ def plan(
     block_size: int = 16,
     max_num_batched_tokens: int = 2048,
     max_num_seqs: int = 256,
+    quantization: str = "none",
 ) -> Plan:
+    """``quantization`` shrinks the weights (hence more KV fits and the decode floor drops);
+    the KV cache and activations stay in ``dtype_bytes``."""
     params = config.num_parameters()
-    weights = params * dtype_bytes
+    weights = weight_bytes(config, quantization, dtype_bytes)
     ctx = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     reserve = activation_reserve_bytes(config, max_num_batched_tokens, max_num_seqs, dtype_bytes)
     budget = cuda_kv_budget(gpu.memory_bytes, gpu.memory_bytes - weights, utilization, reserve)
@@ -122,6 +127,7 @@ def plan(
         dtype_bytes=dtype_bytes,
         max_model_len=ctx,
         parameters=params,
+        quantization=quantization,
         weight_bytes=weights,
         kv_bytes_per_token=per_token,
         kv_bytes_per_token_without_gqa=mha_per_token,
@@ -144,11 +150,13 @@ def format_plan(p: Plan, config: ModelConfig) -> str:
         ("GPU", p.gpu),
         ("dtype bytes", p.dtype_bytes),
         ("parameters", f"{p.parameters / 1e9:.2f} B"),
+        ("quantization", p.quantization),
         ("weights", gib(p.weight_bytes)),
         ("KV per token (GQA)", kib(p.kv_bytes_per_token)),
         ("KV per token (without GQA)", kib(p.kv_bytes_per_token_without_gqa)),
         ("KV budget", gib(p.kv_budget_bytes)),
         ("KV tokens that fit", f"{p.kv_tokens:,}"),
+        ("  prefix cache", "cached blocks no sequence holds are reclaimable: counted as free, in the tokens above"),
         ("context (max_model_len)", f"{p.max_model_len:,}"),
         ("sliding window", window),
         ("KV tokens per full-context sequence", f"{p.kv_tokens_per_seq:,}"),
@@ -159,3 +167,12 @@ def format_plan(p: Plan, config: ModelConfig) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def format_gpu_table(plans: list[Plan]) -> str:
+    """One row per GPU: what ``plan --all-gpus`` prints to compare cards (and quantizations)."""
+    head = ("GPU", "quantization", "weights GiB", "KV tokens", "max seqs", "decode floor ms")
+    rows = [(p.gpu, p.quantization, f"{p.weight_bytes / GIB:.2f}", f"{p.kv_tokens:,}", f"{p.max_seqs:,}",
+             f"{p.decode_floor_ms:.2f}") for p in plans]
+    widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in [head, *rows])

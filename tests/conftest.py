@@ -25,6 +25,12 @@ def tiny_window32_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_nowindow_dir(tmp_path_factory) -> Path:
+    """Mistral v0.3's shape: no sliding window."""
+    return build_tiny_model(tmp_path_factory.mktemp("tinynw"), sliding_window=None, seed=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama31_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("llama31"), arch="llama", sliding_window=None,
                             rope_scaling="llama3", seed=2)

@@ -42,13 +42,13 @@ def _router_schema(model: str) -> dict:
 
     schema = copy.deepcopy(api.openapi())
     bodies = {path: schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-              for path in ("/v1/completions", "/v1/chat/completions", "/tokenize")}
+              for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")}
     # Sharper than the pydantic models (model: any string; messages: any objects), so that positive
     # examples get past the model and role checks and reach the tokenizer and the engine.
     for path, body in bodies.items():
         model_schema = {"type": "string", "enum": [model]}
-        body["properties"]["model"] = model_schema if path != "/tokenize" else {"anyOf": [model_schema,
-                                                                                         {"type": "null"}]}
+        body["properties"]["model"] = model_schema if path.startswith("/v1/") else {"anyOf": [model_schema,
+                                                                                             {"type": "null"}]}
     part = {"type": "object", "required": ["type", "text"],
             "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}
     message = {"type": "object", "required": ["role", "content"],
@@ -59,6 +59,16 @@ def _router_schema(model: str) -> dict:
     bodies["/v1/completions"]["properties"]["prompt"] = {"anyOf": [
         {"type": "string"}, {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 32767}}]}
     bodies["/tokenize"]["properties"]["messages"] = {"anyOf": [messages, {"type": "null"}]}
+    bodies["/detokenize"]["properties"]["tokens"] = {"type": "array",
+                                                     "items": {"type": "integer", "minimum": 0, "maximum": 32767}}
+    # n: always present and 1..4 (or null) in positive examples, and echo always present on
+    # completions, so that examples are served with several choices and with echo (cheap under
+    # _cap); negative mode, the hostile table and the 400 tests cover the other values.
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        bodies[path]["properties"]["n"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 4},
+                                                     {"type": "null"}]}
+        bodies[path]["required"] = [*bodies[path].get("required", []), "n"]
+    bodies["/v1/completions"]["required"].append("echo")
     return schema
 
 
@@ -67,8 +77,8 @@ def _operations(model: str):
     return {f"{op.method.upper()} {op.path}": op for op in (r.ok() for r in schema.get_all_operations())}
 
 
-OPERATION_IDS = ["GET /health", "GET /ready", "GET /v1/models", "POST /tokenize", "POST /v1/completions",
-                 "POST /v1/chat/completions"]
+OPERATION_IDS = ["GET /health", "HEAD /health", "GET /ready", "HEAD /ready", "GET /v1/models", "POST /tokenize",
+                 "POST /detokenize", "POST /v1/completions", "POST /v1/chat/completions"]
 
 
 def _cap(body):
@@ -118,12 +128,13 @@ def test_schemathesis_fuzz(live_server, operation, mode):
     ops = _operations(live_server.model)
     assert set(ops) == set(OPERATION_IDS), sorted(ops)  # the schema lists every route
     op = ops[operation]
-    if mode is GenerationMode.NEGATIVE and op.method.upper() == "GET":
-        pytest.skip("GET routes take no input to violate")
+    if mode is GenerationMode.NEGATIVE and op.method.upper() in ("GET", "HEAD"):
+        pytest.skip("GET and HEAD routes take no input to violate")
     session = requests.Session()
     counts = COUNTS.setdefault(operation, {})
     statuses: dict[int, int] = {}
     errors: dict[str, int] = {}
+    served: dict[str, int] = {"n>1": 0, "echo": 0}  # the issue-11 fields, served (200)
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               phases=[Phase.explicit, Phase.generate, Phase.shrink],
@@ -135,6 +146,12 @@ def test_schemathesis_fuzz(live_server, operation, mode):
         resp = case.call(base_url=live_server.base_url, session=session, timeout=120)
         ctype = (resp.headers.get("content-type") or [""])[0]
         statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+        if resp.status_code == 200 and isinstance(case.body, dict):
+            served["n>1"] += isinstance(case.body.get("n"), int) and case.body["n"] > 1
+            served["echo"] += case.body.get("echo") is True
+        if op.method.upper() == "HEAD":  # the GET answer's status, no body
+            assert resp.status_code == 200 and resp.content == b"", (operation, resp.status_code)
+            return
         check_openai_response(resp.status_code, ctype, resp.content, f"{operation} {str(case.body)[:300]}")
         if resp.status_code >= 400:
             msg = json.loads(resp.content)["error"]["message"]
@@ -145,11 +162,15 @@ def test_schemathesis_fuzz(live_server, operation, mode):
     counts[mode.value] = sum(statuses.values())
     top = sorted(errors.items(), key=lambda kv: -kv[1])[:4]
     print(f"\nfuzz {operation} [{mode.value}]: {sum(statuses.values())} requests, statuses "
-          f"{dict(sorted(statuses.items()))}; top errors {top}")
+          f"{dict(sorted(statuses.items()))}; served {served}; top errors {top}")
     if op.method.upper() == "POST":
         assert sum(statuses.values()) >= EXAMPLES // 2, statuses
         if mode is GenerationMode.POSITIVE and operation != "POST /tokenize":
             assert statuses.get(200, 0) >= 1, f"no fuzzed request was served: {statuses}"
+        if mode is GenerationMode.POSITIVE and operation.endswith("completions") and EXAMPLES >= 50:
+            assert served["n>1"] >= 1, f"no fuzzed request with n > 1 was served: {served}"
+            if operation == "POST /v1/completions":
+                assert served["echo"] >= 1, f"no fuzzed request with echo was served: {served}"
 
 
 # ---- hand-written hostile inputs ------------------------------------------------------------------
@@ -173,6 +194,13 @@ BAD_INPUTS = [
     ("surrogate-pair-escape-ok", "/v1/completions",
      b'{"model": "__model__", "prompt": "\\ud83d\\ude00", "max_tokens": 1}', 200, None),
     ("huge-n", "/v1/completions", {"model": M, "prompt": "x", "n": 10**9}, 400, "n"),
+    ("n-2^70", "/v1/chat/completions",
+     {"model": M, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "n": 2**70}, 400, "n"),
+    ("n-max-with-huge-max-tokens", "/v1/completions", {"model": M, "prompt": "x", "n": 16, "max_tokens": 10**9}, 400,
+     "prompt"),
+    ("echo-huge-logprobs", "/v1/completions", {"model": M, "prompt": "x", "echo": True, "logprobs": 10**6}, 400,
+     "logprobs"),
+    ("detokenize-huge-id", "/detokenize", {"tokens": [2**70]}, 400, "tokens"),
     ("huge-max-tokens", "/v1/completions", {"model": M, "prompt": "x", "max_tokens": 10**12}, 400, "prompt"),
     ("huge-max-tokens-2^70", "/v1/chat/completions",
      {"model": M, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2**70}, 400, "messages"),

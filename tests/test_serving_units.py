@@ -21,6 +21,7 @@ from mistral_serve.serving.openai_protocol import (
     completion_logprobs,
     parse,
 )
+from mistral_serve.serving.response_format import constraint_from_request
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +122,7 @@ def test_request_validation_errors_name_the_param(body, param):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"),
+    ({"best_of": 3}, "best_of"), ({"n": 2, "best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
     ({"logit_bias": {"1": 5}}, "logit_bias"), ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_unsupported_options_rejected_clearly(extra, param):
@@ -132,7 +133,7 @@ def test_unsupported_options_rejected_clearly(extra, param):
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("presence_penalty", 3), ("repetition_penalty", 0),
-    ("logprobs", 21), ("min_p", 2),
+    ("logprobs", 21), ("min_p", 2), ("n", 0), ("n", 17), ("n", -1),
 ])
 def test_sampling_errors_map_to_param(field, value):
     req = parse(CompletionRequest, {"model": "m", "prompt": "x", field: value})
@@ -152,9 +153,13 @@ def test_chat_request_mapping():
                  ).effective_max_tokens is None  # the rest of the context
     for body, param in (({"messages": []}, "messages"), ({"messages": [{"role": "bot", "content": "x"}]}, "messages")):
         assert _err(lambda b=body: parse(ChatCompletionRequest, {"model": "m", **b})).param == param
+    json_mode = parse(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                              "response_format": {"type": "json_object"}})
+    json_mode.check()  # structured outputs are served (serving/response_format.py)
+    assert constraint_from_request(json_mode).kind == "json_schema"
     bad = parse(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
-                                        "response_format": {"type": "json_object"}})
-    assert _err(bad.check).param == "response_format"
+                                        "response_format": {"type": "xml"}})
+    assert _err(lambda: constraint_from_request(bad)).param == "response_format"
     img = parse(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
     assert _err(img.normalized_messages).param == "messages"
 
@@ -233,6 +238,7 @@ def test_retry_avoids_the_replica_that_failed_it():
             return {r.replica_id for r in self.candidates}
 
     router = object.__new__(Ranking)
+    router.initialize_state()  # what Serve calls with request_router_kwargs
 
     def ranking(candidates, payload):
         router.candidates = candidates

@@ -12,6 +12,8 @@
 #            reads the variable yet: see the summary line)
 #   smoke    Mistral 7B v0.3 full shape, bf16, random weights: 16 tokens for 2 prompts, finite logits
 #   bench    mistral-serve bench gpu: decode ms/step vs the HBM floor, prefill, workload-64, 8 x 16K
+#   quant-int4, quant-fp8  the same decode figure (batch 1 and 64, 1K context) with int4 / fp8
+#            projections (docs/quantization.md); the floor counts the quantized weight bytes
 # Results (logs, JSON, summary.txt) go to $OUT, or ./gpu-results/ when $OUT is unset.
 set -u
 
@@ -135,6 +137,13 @@ stage smoke 60 "$PY" -m mistral_serve.bench.gpu --device cuda --shape full --dty
 # The JSON is rewritten after every section, so a timeout keeps the sections already measured.
 stage bench 230 "$PY" -m mistral_serve.bench.gpu --device cuda --shape full --dtype bfloat16 \
     --json "$OUT_DIR/bench-gpu.json"
+
+# ---- (e) quantized decode ------------------------------------------------------------------
+for q in int4 fp8; do
+    stage "quant-$q" 75 "$PY" -m mistral_serve.bench.gpu --device cuda --shape full --dtype bfloat16 \
+        --quantization "$q" --batches 1,64 --contexts 1024 --skip prefill --skip workload --skip long \
+        --json "$OUT_DIR/bench-gpu-$q.json"
+done
 
 echo "total: $(( SECONDS - START ))s; results in $OUT_DIR" | tee -a "$SUMMARY"
 echo "===== summary ====="

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from mistral_serve.bench.measure import PeakRSS, RunResult, cpu_model, summarize
+from mistral_serve.bench.runners import DECODINGS
 from mistral_serve.bench.workload import Workload, load_workload
 
 BASELINES = ("hf-static", "hf-cb")
@@ -24,8 +25,11 @@ BASELINES = ("hf-static", "hf-cb")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mistral-serve bench engine",
                                 description="Offline throughput and latency of the engine vs baselines.")
-    p.add_argument("--workload", help="workload JSON (default: ../shared/bench/workload-64.json or its recipe)")
+    p.add_argument("--workload", help="shared-prefix, multi-turn, or a workload JSON "
+                                      "(default: ../shared/bench/workload-64.json or its recipe)")
     p.add_argument("--model", help="checkpoint dir (default: the embedded tiny model)")
+    p.add_argument("--decoding", choices=["greedy", "sampled"], default="greedy",
+                   help="sampled: temperature 0.8, top-p 0.95, what chat clients send (HF baselines: greedy only)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per engine after a warm-up (median reported)")
     p.add_argument("--baseline", action="append", choices=[*BASELINES, "none"],
                    help="repeatable; default: hf-static and hf-cb")
@@ -33,12 +37,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-model", help="model dir for vLLM (default: --model)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     p.add_argument("--engine-args", default="{}", help="JSON dict of extra engine args for mistral-serve")
+    p.add_argument("--quantization", choices=["none", "int8", "int4", "fp8", "awq", "gptq"], default=None,
+                   help="our engine's weight quantization (docs/quantization.md); baselines stay float")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--profile", help="also write a torch-profiler table of one extra pass of our engine here")
     return p
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "routing":
+        from mistral_serve.bench.routing import main as routing_main
+
+        return routing_main(argv[1:])
     if argv and argv[0] == "serve":
         from mistral_serve.bench.serve import main as serve_main
 
@@ -50,7 +60,8 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] != "engine":
         print("usage: mistral-serve bench engine [options]   (see --help)\n"
               "       mistral-serve bench gpu [options]      (Mistral 7B shape, random weights, vs the HBM floor)\n"
-              "       mistral-serve bench serve [options]    (streaming over HTTP, any OpenAI server; side by side with vLLM)")
+              "       mistral-serve bench serve [options]    (streaming over HTTP, any OpenAI server; side by side with vLLM)\n"
+              "       mistral-serve bench routing [options]  (multi-turn chats over 2 replicas: cache-aware routing vs not)")
         return 2
     a = _parser().parse_args(argv[1:])
     torch.set_num_threads(a.threads)
@@ -58,19 +69,25 @@ def main(argv: list[str]) -> int:
 
     model = Path(a.model) if a.model else ensure_tiny_model()
     workload = load_workload(a.workload)
-    baselines = [b for b in (a.baseline or list(BASELINES)) if b != "none"]
-    results = [_bench_ours(model, workload, a.runs, json.loads(a.engine_args), a.profile)]
+    baselines = [b for b in (a.baseline or (list(BASELINES) if a.decoding == "greedy" else [])) if b != "none"]
+    engine_args = json.loads(a.engine_args)
+    if a.quantization:
+        engine_args["quantization"] = a.quantization
+    prefix_caching = engine_args.get("enable_prefix_caching", True)
+    results = [_bench_ours(model, workload, a.runs, engine_args, a.profile, a.decoding)]
     for name in baselines:
         results.append(_bench_in_process(name, model, workload, a.runs))
     if a.vllm_python:
-        results.append(_bench_vllm(a.vllm_python, Path(a.vllm_model or model), workload, a.runs))
+        results.append(_bench_vllm(a.vllm_python, Path(a.vllm_model or model), workload, a.runs, prefix_caching,
+                                   a.decoding))
     ours = results[0]["output_tok_per_s"]
     for r in results[1:]:
         r["ours_vs_this"] = ours / r["output_tok_per_s"]
     report = {
         "workload": {"source": workload.source, "requests": len(workload),
                      "prompt_tokens": workload.prompt_tokens, "output_tokens": workload.output_tokens,
-                     "arrival": "all at t=0", "decoding": "greedy, EOS ignored"},
+                     "arrival": "all at t=0", "decoding": f"{a.decoding} {DECODINGS[a.decoding]}, EOS ignored",
+                     "prefix_caching": "on, reset before every pass" if prefix_caching else "off"},
         "model": str(model),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "torch_threads": a.threads, "torch": torch.__version__},
@@ -90,11 +107,12 @@ def _timed(runner, workload: Workload, runs: int, label: str) -> tuple[list[RunR
     return results, rss.peak
 
 
-def _bench_ours(model: Path, workload: Workload, runs: int, engine_args: dict, profile: str | None) -> dict:
+def _bench_ours(model: Path, workload: Workload, runs: int, engine_args: dict, profile: str | None,
+                decoding: str) -> dict:
     from mistral_serve.bench.runners import OursRunner
 
     with PeakRSS() as load_rss:
-        runner = OursRunner(model, engine_args)
+        runner = OursRunner(model, engine_args, decoding)
     results, peak = _timed(runner, workload, runs, OursRunner.name)
     if profile:
         _write_profile(runner, workload, Path(profile))
@@ -138,7 +156,8 @@ def _bench_in_process(name: str, model: Path, workload: Workload, runs: int) -> 
     return summarize(name, results, peak, cls.notes)
 
 
-def _bench_vllm(python: str, model: Path, workload: Workload, runs: int) -> dict:
+def _bench_vllm(python: str, model: Path, workload: Workload, runs: int, prefix_caching: bool,
+                decoding: str) -> dict:
     """vLLM in its own venv and process; settings from shared/bench/vllm-cpu (2 OMP threads
     bound to cores 0-1, tcmalloc + iomp preloaded when present)."""
     venv = Path(python).resolve().parent.parent
@@ -152,12 +171,16 @@ def _bench_vllm(python: str, model: Path, workload: Workload, runs: int) -> dict
         wl.write_text(json.dumps({"prompt_token_ids": workload.prompt_token_ids, "max_tokens": workload.max_tokens}))
         out = Path(tmp) / "vllm.json"
         script = Path(__file__).with_name("vllm_runner.py")
+        sampling = DECODINGS[decoding]
+        flags = ["--temperature", str(sampling["temperature"]), "--top-p", str(sampling["top_p"])]
+        flags += ["--prefix-caching"] if prefix_caching else []
         with PeakRSS() as rss:
             subprocess.run([python, str(script), "--model", str(model), "--workload", str(wl),
-                            "--runs", str(runs), "--json", str(out)], check=True, env=env)
+                            "--runs", str(runs), "--json", str(out), *flags], check=True, env=env)
         data = json.loads(out.read_text())
     results = [RunResult(**r) for r in data["runs"]]
-    return summarize(f"vllm-cpu {data['version']}", results, rss.peak, "separate venv and process, prefix cache off; peak RSS of its tree")
+    cache = "prefix cache on, reset every pass" if prefix_caching else "prefix cache off"
+    return summarize(f"vllm-cpu {data['version']}", results, rss.peak, f"separate venv and process, {cache}; peak RSS of its tree")
 
 
 def format_table(report: dict) -> str:

@@ -96,9 +96,9 @@ def random_weights(seed: int = 0) -> Iterator[list[Path]]:
         raise RuntimeError("mistral_serve.engine.model_runner no longer calls load_model: update bench/gpu.py's seam")
     calls: list[Path] = []
 
-    def load(model_dir, config, dtype, device, max_positions):
+    def load(model_dir, config, dtype, device, max_positions, quantization="none"):
         calls.append(Path(model_dir))
-        return build_random_model(config, dtype, device, max_positions, seed=seed)
+        return build_random_model(config, dtype, device, max_positions, seed=seed, quantization=quantization)
 
     original = model_runner.load_model
     model_runner.load_model = load
@@ -131,19 +131,24 @@ def detect_gpu(name: str, memory_bytes: int | None = None) -> GPU | None:
     return None
 
 
-def weight_bytes_per_decode_step(config: ModelConfig, dtype_bytes: int) -> int:
-    """Weight bytes one decode step reads: all parameters but the embedding table (a lookup
-    reads only the batch's rows), unless the table doubles as the LM head."""
-    params = config.num_parameters()
+def weight_bytes_per_decode_step(config: ModelConfig, dtype_bytes: int, quantization: str = "none") -> int:
+    """Weight bytes one decode step reads: all weights (projections as ``quantization`` stores
+    them) but the embedding table (a lookup reads only the batch's rows), unless the table
+    doubles as the LM head."""
+    from mistral_serve.model.quantization.footprint import weight_bytes
+
+    total = weight_bytes(config, quantization, dtype_bytes)
     if not config.tie_word_embeddings:
-        params -= config.vocab_size * config.hidden_size
-    return params * dtype_bytes
+        total -= config.vocab_size * config.hidden_size * dtype_bytes
+    return total
 
 
-def decode_floor_ms(config: ModelConfig, dtype_bytes: int, kv_tokens: float, bandwidth_bytes_per_s: float) -> float:
+def decode_floor_ms(config: ModelConfig, dtype_bytes: int, kv_tokens: float, bandwidth_bytes_per_s: float,
+                    quantization: str = "none") -> float:
     """The memory-bandwidth floor of one decode step that attends to ``kv_tokens`` cached
     tokens in all (summed over the batch): weights once plus every K/V byte, over bandwidth."""
-    read = weight_bytes_per_decode_step(config, dtype_bytes) + kv_tokens * config.kv_bytes_per_token(dtype_bytes)
+    read = (weight_bytes_per_decode_step(config, dtype_bytes, quantization)
+            + kv_tokens * config.kv_bytes_per_token(dtype_bytes))
     return read / bandwidth_bytes_per_s * 1e3
 
 
@@ -245,7 +250,7 @@ def time_decode(llm, batch_sizes: list[int], context_len: int, steps: int, warmu
             "ms_per_step_max": max(times) * 1e3,
             "output_tok_per_s": b / statistics.median(times),
             "kv_tokens_per_step": statistics.fmean(kv_tokens),
-            "weight_bytes_per_step": weight_bytes_per_decode_step(config, dtype_bytes),
+            "weight_bytes_per_step": weight_bytes_per_decode_step(config, dtype_bytes, llm.engine.quantization),
             "kv_bytes_per_step": statistics.fmean(kv_tokens) * config.kv_bytes_per_token(dtype_bytes),
         }
         if b == n_max:
@@ -257,7 +262,8 @@ def time_decode(llm, batch_sizes: list[int], context_len: int, steps: int, warmu
     return sorted(rows, key=lambda r: r["batch"])
 
 
-def add_floors(rows: list[dict], config: ModelConfig, dtype_bytes: int, gpu: GPU | None) -> None:
+def add_floors(rows: list[dict], config: ModelConfig, dtype_bytes: int, gpu: GPU | None,
+               quantization: str = "none") -> None:
     """Fill in each timed row's HBM floor and measured / floor (None without a known GPU)."""
     for r in rows:
         if "skipped" in r:
@@ -265,7 +271,8 @@ def add_floors(rows: list[dict], config: ModelConfig, dtype_bytes: int, gpu: GPU
         if gpu is None:
             r["floor_ms"] = r["ratio_to_floor"] = None
             continue
-        r["floor_ms"] = decode_floor_ms(config, dtype_bytes, r["kv_tokens_per_step"], gpu.bandwidth_bytes_per_s)
+        r["floor_ms"] = decode_floor_ms(config, dtype_bytes, r["kv_tokens_per_step"], gpu.bandwidth_bytes_per_s,
+                                        quantization)
         r["ratio_to_floor"] = r["ms_per_step_median"] / r["floor_ms"]
 
 
@@ -318,11 +325,12 @@ def smoke(llm, prompts: int = 2, max_tokens: int = 16, seed: int = 2) -> dict:
 def run_workload(llm, workload, runs: int) -> dict:
     """``bench engine``'s runner and summary on the already-built engine."""
     from mistral_serve.bench.measure import summarize
-    from mistral_serve.bench.runners import OursRunner
+    from mistral_serve.bench.runners import DECODINGS, OursRunner
 
     class _OnThisEngine(OursRunner):
         def __init__(self, llm) -> None:  # noqa: D107 - reuse the engine, do not build another
             self.llm = llm
+            self.decoding = DECODINGS["greedy"]
 
     runner = _OnThisEngine(llm)
     runner.run(workload, warmup=True)
@@ -362,6 +370,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="engine chunk size (an 8K prompt prefills in one causal chunk)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--quantization", choices=["none", "int8", "int4", "fp8"], default="none",
+                   help="quantize the random projections (docs/quantization.md); the floor counts their bytes")
     p.add_argument("--kv-cache-memory-bytes", type=int, help="KV pool size (default: engine's)")
     p.add_argument("--bandwidth-tbs", type=float, help="HBM bandwidth in TB/s (default: from the GPU's name)")
     p.add_argument("--seed", type=int, default=0)
@@ -406,7 +416,8 @@ def run(a: argparse.Namespace) -> dict:
         "machine": machine,
         "model": {"shape": a.shape, "preset": FULL_PRESET if a.shape == "full" else "tiny",
                   "parameters": config.num_parameters(), "dtype": dtype,
-                  "weight_bytes_per_decode_step": weight_bytes_per_decode_step(config, dtype_bytes),
+                  "quantization": a.quantization,
+                  "weight_bytes_per_decode_step": weight_bytes_per_decode_step(config, dtype_bytes, a.quantization),
                   "kv_bytes_per_token": config.kv_bytes_per_token(dtype_bytes)},
         "hbm": ({"gpu": gpu.name, "bandwidth_bytes_per_s": gpu.bandwidth_bytes_per_s,
                  "floor": "(weights but the embedding table + K/V of every context token) / bandwidth"}
@@ -420,7 +431,7 @@ def run(a: argparse.Namespace) -> dict:
             Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
 
     engine_args = {"dtype": dtype, "device": device.type, "max_num_batched_tokens": a.max_num_batched_tokens,
-                   "gpu_memory_utilization": a.gpu_memory_utilization}
+                   "gpu_memory_utilization": a.gpu_memory_utilization, "quantization": a.quantization}
     if a.kv_cache_memory_bytes:
         engine_args["kv_cache_memory_bytes"] = a.kv_cache_memory_bytes
     report["engine_args"] = engine_args
@@ -464,7 +475,7 @@ def run(a: argparse.Namespace) -> dict:
             rows = []
             for ctx in contexts:
                 ctx_rows = time_decode(llm, batches, ctx, a.steps, a.warmup_steps, a.seed)
-                add_floors(ctx_rows, config, dtype_bytes, gpu)
+                add_floors(ctx_rows, config, dtype_bytes, gpu, a.quantization)
                 rows.extend(ctx_rows)
             return rows
 

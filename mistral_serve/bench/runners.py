@@ -12,6 +12,9 @@ from mistral_serve.bench.measure import RunResult
 from mistral_serve.bench.workload import Workload
 
 WARMUP_REQUESTS = 8
+# ``bench engine --decoding``: what every request of a pass samples with (EOS ignored). "sampled"
+# is what chat clients send (vLLM bench serve's --temperature/--top-p defaults for chat).
+DECODINGS = {"greedy": {"temperature": 0.0, "top_p": 1.0}, "sampled": {"temperature": 0.8, "top_p": 0.95}}
 
 
 def _pass_requests(workload: Workload, warmup: bool) -> Workload:
@@ -25,17 +28,19 @@ class OursRunner:
     name = "mistral-serve"
     notes = "continuous batching, paged KV, chunked prefill"
 
-    def __init__(self, model_dir: Path, engine_args: dict) -> None:
+    def __init__(self, model_dir: Path, engine_args: dict, decoding: str = "greedy") -> None:
         from mistral_serve import LLM
 
         self.llm = LLM(str(model_dir), **engine_args)
+        self.decoding = DECODINGS[decoding]
 
     def run(self, workload: Workload, warmup: bool = False) -> RunResult:
         from mistral_serve import SamplingParams
 
         requests = _pass_requests(workload, warmup)
         prompts, max_tokens = requests.prompt_token_ids, requests.max_tokens
-        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        params = [SamplingParams(max_tokens=m, ignore_eos=True, **self.decoding) for m in max_tokens]
+        self.llm.reset_prefix_cache()  # every pass starts cold: sharing happens within a pass only
         start = time.perf_counter()
         outs = self.llm.generate(prompts, params)
         wall = time.perf_counter() - start

@@ -16,15 +16,16 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", "/tmp/vllm-cache")
 
 
-def one_pass(llm, prompts, max_tokens, tag):
+def one_pass(llm, prompts, max_tokens, tag, temperature=0.0, top_p=1.0):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    llm.reset_prefix_cache()  # every pass starts cold: sharing happens within a pass only
     engine = llm.llm_engine
     start = time.perf_counter()
     for i, (p, m) in enumerate(zip(prompts, max_tokens)):
         engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=p),
-                           SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
+                           SamplingParams(temperature=temperature, top_p=top_p, max_tokens=m, ignore_eos=True))
     seen = {}
     stamps = {}
     while engine.has_unfinished_requests():
@@ -54,17 +55,19 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", required=True)
     ap.add_argument("--prefix-caching", action="store_true",
-                    help="leave vLLM's prefix cache on: every timed pass then re-sends prompts it has "
-                         "already cached, so it skips their prefill (the other engines do it every pass)")
+                    help="vLLM's prefix cache on (reset before every pass, as ours is)")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     a = ap.parse_args()
     from vllm import LLM
 
     data = json.load(open(a.workload))
     prompts, max_tokens = data["prompt_token_ids"], data["max_tokens"]
-    llm = LLM(model=a.model, dtype="float32", max_model_len=1024, seed=0,
+    llm = LLM(model=a.model, dtype="float32", max_model_len=a.max_model_len, seed=0,
               enable_prefix_caching=a.prefix_caching)
     one_pass(llm, prompts[:8], max_tokens[:8], "warmup")
-    runs = [one_pass(llm, prompts, max_tokens, f"run{r}") for r in range(a.runs)]
+    runs = [one_pass(llm, prompts, max_tokens, f"run{r}", a.temperature, a.top_p) for r in range(a.runs)]
     import vllm
 
     with open(a.json, "w") as f:

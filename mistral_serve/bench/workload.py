@@ -1,4 +1,7 @@
-"""The reference offline workload (``shared/bench/workload-64.json``) and its recipe."""
+"""The offline workloads: the reference ``shared/bench/workload-64.json`` (no sharing) and two
+that chat traffic looks like, each with its recipe and a committed file
+(``bench/workloads/``): ``shared-prefix`` (64 requests behind one 1,024-token system prompt)
+and ``multi-turn`` (conversations whose every prompt extends the previous turn)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import numpy as np
 
 _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_WORKLOAD_PATHS = (_REPO.parent / "shared" / "bench" / "workload-64.json", Path("../shared/bench/workload-64.json"))
+NAMED_WORKLOAD_DIR = _REPO / "bench" / "workloads"
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,45 @@ def synthetic_workload(n: int = 64, seed: int = 0) -> Workload:
     return Workload(prompts, [int(x) for x in output_lens], f"synthetic(n={n}, seed={seed})")
 
 
+def shared_prefix_workload(n: int = 64, prefix_len: int = 1024, own_len: int = 32, max_tokens: int = 64,
+                           seed: int = 1) -> Workload:
+    """One system prompt of ``prefix_len`` ids shared by ``n`` requests, each with ``own_len``
+    ids of its own (numpy default_rng(seed), ids U[1000, 32000))."""
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(1000, 32000, prefix_len).tolist()
+    prompts = [prefix + rng.integers(1000, 32000, own_len).tolist() for _ in range(n)]
+    return Workload(prompts, [max_tokens] * n, f"shared-prefix(n={n}, prefix={prefix_len}, own={own_len})")
+
+
+def multi_turn_workload(conversations: int = 4, turns: int = 16, system_len: int = 128, user_len: int = 24,
+                        reply_len: int = 24, max_tokens: int = 24, seed: int = 2) -> Workload:
+    """``conversations`` chats of ``turns`` turns: turn t's prompt is turn t-1's prompt plus a
+    reply of ``reply_len`` ids (standing in for the model's answer) and a user message of
+    ``user_len`` ids. All turns of all chats are requests of one pass (64 by default)."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(conversations):
+        prompt = rng.integers(1000, 32000, system_len).tolist()
+        for t in range(turns):
+            if t:
+                prompt = prompt + rng.integers(1000, 32000, reply_len).tolist()
+            prompt = prompt + rng.integers(1000, 32000, user_len).tolist()
+            prompts.append(prompt)
+    return Workload(prompts, [max_tokens] * len(prompts), f"multi-turn({conversations} chats x {turns} turns)")
+
+
+RECIPES = {"shared-prefix": shared_prefix_workload, "multi-turn": multi_turn_workload}
+
+
 def load_workload(path: str | Path | None = None) -> Workload:
-    """The given file, else the shared reference file, else its recipe (identical content)."""
+    """A named workload (``RECIPES``: its committed file, else its recipe), the given file, else
+    the shared reference file, else its recipe (identical content)."""
+    if path in RECIPES:
+        committed = NAMED_WORKLOAD_DIR / f"{path}-64.json"
+        if committed.is_file():
+            data = json.loads(committed.read_text())
+            return Workload(data["prompt_token_ids"], [int(m) for m in data["max_tokens"]], str(path))
+        return RECIPES[path]()
     candidates = [Path(path)] if path else list(DEFAULT_WORKLOAD_PATHS)
     for candidate in candidates:
         if candidate.is_file():

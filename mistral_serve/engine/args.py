@@ -28,6 +28,11 @@ class EngineArgs(BaseModel):
         None, gt=0, description="KV pool size; default on CPU: 1 GiB; on CUDA derived from gpu_memory_utilization"
     )
     enable_chunked_prefill: bool = True
+    quantization: Literal["none", "int8", "int4", "fp8", "awq", "gptq"] = Field(
+        "none", description="weights: int8 (per-channel) / int4 (group 128) / fp8 quantized on load from a float "
+        "checkpoint; awq / gptq checkpoints are detected from config.json even with 'none' (docs/quantization.md)")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV of full blocks of earlier prompts that share a prefix (vLLM's name and default)")
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads on CPU (default: every core this process may run on)")
 

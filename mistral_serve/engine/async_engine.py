@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from mistral_serve.engine.args import EngineArgs
+from mistral_serve.engine.block_manager import ROUTING_STRIDE
 from mistral_serve.engine.llm_engine import LLMEngine, RequestError
 from mistral_serve.engine.outputs import RequestOutput
 from mistral_serve.engine.sampling_params import SamplingParams
@@ -66,6 +67,13 @@ class AsyncLLM:
         self._raise_if_dead()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.engine.validate_request(ids, params)  # fail fast in the caller, before queueing
+        if params.structured_output is not None:
+            # Compile the grammar (cached per spec) in a worker thread: the engine thread then
+            # only copies the cached matcher, and no step waits on a compile.
+            try:
+                await asyncio.to_thread(self.engine.grammars.prepare, params.structured_output)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         loop = asyncio.get_running_loop()
@@ -103,6 +111,12 @@ class AsyncLLM:
         snap["alive"] = self._error is None and self._thread.is_alive()
         snap["seconds_since_progress"] = time.monotonic() - self.last_progress
         return snap
+
+    def prefix_routing_keys(self) -> tuple[int, int, list[int]]:
+        """(block size, stride, routing keys) of the prefixes this engine holds cached
+        (``BlockManager.routing_keys``), for cache-aware routing across replicas."""
+        bm = self.engine.block_manager
+        return bm.block_size, ROUTING_STRIDE, bm.routing_keys()
 
     def check_health(self, stall_timeout_s: float = 30.0) -> None:
         """Raise if the loop died, or has work but made no step in ``stall_timeout_s``."""

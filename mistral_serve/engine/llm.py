@@ -24,6 +24,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache's unreferenced blocks (vLLM's name)."""
+        self.engine.block_manager.reset_prefix_cache()
+
     def generate(
         self,
         prompts: Prompt | Seq[Prompt],

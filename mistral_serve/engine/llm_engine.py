@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -19,11 +20,13 @@ from mistral_serve.engine.args import EngineArgs
 from mistral_serve.engine.block_manager import BlockManager
 from mistral_serve.engine.model_runner import ModelRunner
 from mistral_serve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from mistral_serve.engine.prompt_logprobs import append_prompt_logprobs
 from mistral_serve.engine.sampler import sample
 from mistral_serve.engine.sampling_params import SamplingParams
 from mistral_serve.engine.scheduler import Scheduler
 from mistral_serve.engine.sequence import Sequence
 from mistral_serve.engine.stats import EngineStats
+from mistral_serve.engine.structured_output import GrammarCompiler
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.loader import resolve_model_dir
 from mistral_serve.tokenizer import load_tokenizer
@@ -55,14 +58,22 @@ class LLMEngine:
         self.dtype = args.torch_dtype(self.config.torch_dtype, device)
         self.max_model_len = min(args.max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
-        self.runner = ModelRunner(self.model_dir, self.config, self.dtype, device, self.max_model_len, args.block_size)
+        self.runner = ModelRunner(self.model_dir, self.config, self.dtype, device, self.max_model_len, args.block_size,
+                                  args.quantization)
+        self.quantization = self.runner.quantization
         num_blocks = self._num_kv_blocks(device)
         self.runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, args.block_size, self.config.sliding_window)
+        self.block_manager = BlockManager(num_blocks, args.block_size, self.config.sliding_window,
+                                          args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.enable_chunked_prefill)
         self.eos_token_ids = tuple(dict.fromkeys(self.config.eos_token_ids + self.tokenizer.eos_token_ids))
+        # Compiled grammars for structured outputs; the async engine warms it off this thread.
+        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
+        # n > 1: the client's request id -> its n sequences (each also in ``requests`` under a
+        # child id ``{request_id}#{i}``), until all n finished.
+        self._groups: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
         self.stats = EngineStats(kv_blocks_total=num_blocks, max_num_seqs=args.max_num_seqs)
 
@@ -90,19 +101,46 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> Sequence:
-        if request_id in self.requests:
+        """Queue a request; returns its sequence (of choice 0 when ``params.n > 1``).
+
+        ``params.n > 1``: n sequences under this one request id, added together so that they
+        are scheduled in the same step, where the prefix cache lets them share the prompt's
+        full KV blocks (one prefill). Each step reports one ``RequestOutput`` per request, with
+        a ``CompletionOutput`` (``index`` = choice) for each of its sequences that produced
+        tokens; it is ``finished`` once all n are, and aborting the request aborts all n.
+        """
+        n = params.n
+        child_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+        if request_id in self._groups or any(c in self.requests for c in child_ids):
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate_request(ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output,
-                                       params.skip_special_tokens)
-        seq = Sequence(request_id, ids, params, self.eos_token_ids, detok, priority, next(self._arrivals))
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
-        self.requests[request_id] = seq
-        self.scheduler.add(seq)
-        return seq
+        seqs = []
+        for i, child_id in enumerate(child_ids):
+            # Choice i: its own seed (reproducible per choice), and prompt logprobs on choice 0
+            # only, so the others may still share the prompt's cached blocks.
+            p = params if n == 1 else dataclasses.replace(
+                params, n=1, seed=child_seed(params.seed, i), prompt_logprobs=params.prompt_logprobs if i == 0 else None)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, p.stop, p.include_stop_str_in_output,
+                                           p.skip_special_tokens)
+            seq = Sequence(child_id, ids, p, self.eos_token_ids, detok, priority, next(self._arrivals), cache_salt)
+            seq.parent_id, seq.index = request_id, i
+            if p.structured_output is not None:
+                try:  # a cache hit (microseconds) when the async engine compiled it beforehand
+                    seq.grammar = self.grammars.new_state(p.structured_output)
+                except ValueError as exc:
+                    raise RequestError(str(exc)) from None
+            seqs.append(seq)
+        if n > 1:
+            self._groups[request_id] = seqs
+        for seq in seqs:
+            self.requests[seq.request_id] = seq
+            self.scheduler.add(seq)
+        return seqs[0]
 
     def validate_request(self, ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError (client-facing message) if the request can never be served.
@@ -125,15 +163,26 @@ class LLMEngine:
             raise RequestError(f"the request needs {need} KV blocks but the pool holds {self.block_manager.num_blocks}")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Drop a request and free its KV blocks now; returns its final (aborted) output."""
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
+        """Drop a request (all n sequences of it) and free its KV blocks now; returns its final
+        (aborted) output."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            seq = self.requests.get(request_id)
+            if seq is None or seq.parent_id != request_id:
+                return None
+            group = [seq]
+        now = time.monotonic()
+        live = [s for s in group if s.finish_reason is None]
+        if not live:
             return None
-        self.scheduler.remove(seq)
-        seq.finish_reason = "abort"
-        seq.timings.finished = time.monotonic()
+        for seq in live:
+            self.requests.pop(seq.request_id, None)
+            self.scheduler.remove(seq)
+            seq.finish_reason = "abort"
+            seq.timings.finished = now
         self._refresh_gauges()
-        return self._make_output(seq, [], [])
+        outputs = [self._make_output(seq, [], [], group=group) for seq in live]
+        return _merge_by_request(outputs)[0]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -151,7 +200,11 @@ class LLMEngine:
         inputs = self.runner.prepare(plan.scheduled)
         logits = self.runner.execute(inputs)
         sampling_seqs = inputs.sample_seqs
+        if inputs.prompt_spans:  # prompt logprob rows follow the sampling rows
+            append_prompt_logprobs(logits[len(sampling_seqs):], inputs.prompt_spans)
+            logits = logits[: len(sampling_seqs)]
         result = sample(logits, sampling_seqs)
+        has_groups = bool(self._groups)
         now = time.monotonic()
 
         for seq, n in plan.scheduled:
@@ -163,6 +216,8 @@ class LLMEngine:
         outputs = []
         for seq, token, lp in zip(sampling_seqs, result.token_ids, result.logprobs):
             outputs.append(self._append_token(seq, token, lp, now))
+        if has_groups:  # one output per request: the n sequences of an n > 1 request merged
+            outputs = _merge_by_request(outputs)
         for seq, _ in plan.scheduled:
             if not seq.is_finished:
                 self.block_manager.release_out_of_window(seq, seq.num_computed_tokens)
@@ -191,33 +246,42 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
         stop_string = seq.detokenizer.add_token(token) if seq.detokenizer else None
         params = seq.params
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
         elif token in seq.stop_ids and seq.num_output_tokens > params.min_tokens - 1:
             seq.finish_reason = "stop"
             seq.stop_reason = None if token in seq.eos_token_ids else token
+        elif seq.grammar is not None and seq.grammar.done:  # the constrained output is complete
+            seq.finish_reason = "stop"
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             t.finished = now
             self.requests.pop(seq.request_id, None)
             self.scheduler.remove(seq)
-        return self._make_output(seq, [token], [logprobs] if logprobs is not None else None)
+        # The prompt's logprobs are complete once its first token is sampled: sent with it.
+        prompt_lps = seq.prompt_logprobs if seq.prompt_logprobs is not None and seq.num_output_tokens == 1 else None
+        group = self._groups.get(seq.parent_id)
+        out = self._make_output(seq, [token], [logprobs] if logprobs is not None else None, group, prompt_lps)
+        if group is not None and out.finished:
+            del self._groups[seq.parent_id]
+        return out
 
-    def _make_output(self, seq: Sequence, new_ids: list[int], new_logprobs: list | None) -> RequestOutput:
-        finished = seq.finish_reason is not None
-        text = seq.detokenizer.take_delta(finished) if seq.detokenizer else ""
-        metrics = None
-        if finished:
-            t = seq.timings
-            metrics = RequestMetrics(
-                queue_time=t.queue_time, ttft=t.ttft, e2e=t.e2e, inter_token_latencies=list(t.inter_token),
-                compute_seconds=t.compute_seconds, num_prompt_tokens=seq.prompt_len,
-                num_generation_tokens=seq.num_output_tokens, num_preemptions=seq.num_preemptions,
-            )
-        completion = CompletionOutput(0, text, new_ids, seq.finish_reason, seq.stop_reason, new_logprobs)
+    def _make_output(self, seq: Sequence, new_ids: list[int], new_logprobs: list | None,
+                     group: list[Sequence] | None = None,
+                     prompt_logprobs: list[dict[int, float] | None] | None = None) -> RequestOutput:
+        """The delta of one sequence, under its request's id; ``group``: all n sequences of an
+        n > 1 request (finished once all are, with their metrics summed)."""
+        seq_finished = seq.finish_reason is not None
+        finished = seq_finished if group is None else all(s.finish_reason is not None for s in group)
+        text = seq.detokenizer.take_delta(seq_finished) if seq.detokenizer else ""
+        metrics = _request_metrics(group or [seq]) if finished else None
+        completion = CompletionOutput(seq.index, text, new_ids, seq.finish_reason, seq.stop_reason, new_logprobs)
         prompt_ids = seq.token_ids[: seq.prompt_len]
-        return RequestOutput(seq.request_id, prompt_ids, [completion], finished, metrics)
+        return RequestOutput(seq.parent_id, prompt_ids, [completion], finished, metrics, seq.num_cached_tokens,
+                             prompt_logprobs=prompt_logprobs)
 
     def _refresh_gauges(self) -> None:
         s = self.stats
@@ -225,3 +289,46 @@ class LLMEngine:
         s.num_waiting = len(self.scheduler.waiting)
         s.kv_blocks_used = self.block_manager.num_used_blocks
         s.num_preemptions = self.scheduler.num_preemptions
+        s.kv_blocks_cached_free = self.block_manager.num_cached_free_blocks
+        s.prefix_cache_queries = self.scheduler.prefix_cache_queries
+        s.prefix_cache_hits = self.scheduler.prefix_cache_hits
+
+
+def child_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of an n > 1 request: the request's own seed for choice 0 (so
+    it equals the n = 1 answer), others spread by a 64-bit odd constant (the golden ratio's), so
+    that choice i of seed s never replays choice 0 of a nearby seed."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**63
+
+
+def _request_metrics(seqs: list[Sequence]) -> RequestMetrics:
+    """A finished request's metrics; for n > 1, over its n sequences: the first start and first
+    token, the last finish, tokens, compute and preemptions summed (the prompt counted once)."""
+    ts = [s.timings for s in seqs]
+
+    def first(values):
+        known = [v for v in values if v is not None]
+        return min(known) if known else None
+
+    e2e = [t.e2e for t in ts if t.e2e is not None]
+    return RequestMetrics(
+        queue_time=first(t.queue_time for t in ts), ttft=first(t.ttft for t in ts), e2e=max(e2e) if e2e else None,
+        inter_token_latencies=[x for t in ts for x in t.inter_token],
+        compute_seconds=sum(t.compute_seconds for t in ts), num_prompt_tokens=seqs[0].prompt_len,
+        num_generation_tokens=sum(s.num_output_tokens for s in seqs),
+        num_preemptions=sum(s.num_preemptions for s in seqs),
+    )
+
+
+def _merge_by_request(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One output per request id, in first-seen order (the n sequences of a request merged)."""
+    merged: dict[str, RequestOutput] = {}
+    for out in outputs:
+        prev = merged.get(out.request_id)
+        if prev is None:
+            merged[out.request_id] = out
+        else:
+            prev.merge(out)
+    return list(merged.values())

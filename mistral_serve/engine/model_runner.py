@@ -8,7 +8,7 @@ new token ids and block table, never each token inside the forward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,9 @@ class StepInputs:
     meta: AttentionMetadata
     logits_index: torch.Tensor
     sample_seqs: list[Sequence]  # sequences that sample a token this step, in logits order
+    # prompt_logprobs: (sequence, first position, end position) of the prompt positions whose
+    # logits rows follow the sampling rows, in this order; position p predicts prompt token p + 1.
+    prompt_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -36,13 +39,15 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int,
         block_size: int,
+        quantization: str = "none",
     ) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
         self.sliding_window = config.sliding_window
-        self.model = load_model(model_dir, config, dtype, device, max_model_len)
+        self.model = load_model(model_dir, config, dtype, device, max_model_len, quantization)
+        self.quantization = self.model.quantization  # the method in effect (a checkpoint's own, if any)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -85,6 +90,8 @@ class ModelRunner:
         token_ids: list[int] = []
         logits_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_rows: list[int] = []
+        prompt_spans: list[tuple[Sequence, int, int]] = []
         for i in layout.order:
             seq, n = scheduled[i]
             start = q_start[i]
@@ -92,16 +99,34 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 logits_rows.append(len(token_ids) - 1)
                 sample_seqs.append(seq)
+            if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len:
+                self._prompt_rows(seq, start, n, len(token_ids) - n, prompt_rows, prompt_spans)
         meta = layout.meta
         meta.cos, meta.sin = self.model.rope.tables_at(layout.positions)
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.long).to(self.device),
             meta=meta,
-            logits_index=torch.tensor(logits_rows, dtype=torch.long).to(self.device),
+            logits_index=torch.tensor(logits_rows + prompt_rows, dtype=torch.long).to(self.device),
             sample_seqs=sample_seqs,
+            prompt_spans=prompt_spans,
         )
+
+    @staticmethod
+    def _prompt_rows(seq: Sequence, start: int, n: int, base: int, rows: list[int],
+                     spans: list[tuple[Sequence, int, int]]) -> None:
+        """Rows of this chunk's prompt positions whose logprob entry is still missing (a
+        recompute after preemption finds them all present and adds none)."""
+        first = len(seq.prompt_logprobs) - 1  # the position predicting the first missing token
+        if start > first:
+            raise RuntimeError(f"{seq.request_id}: prompt logprobs need every prompt position prefilled, but the "
+                               f"prefill starts at {start} (a prefix cache must not serve such requests)")
+        lo, hi = first, min(start + n, seq.prompt_len - 1)
+        if lo < hi:
+            rows.extend(range(base + lo - start, base + hi - start))
+            spans.append((seq, lo, hi))
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
-        """One forward over the whole ragged batch → float32 logits [num sampling seqs, vocab]."""
+        """One forward over the whole ragged batch → float32 logits [num sampling seqs (+ prompt
+        logprob rows), vocab]."""
         return self.model(inputs.input_ids, self.kv_caches, inputs.meta, inputs.logits_index)

@@ -39,14 +39,34 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (vLLM's name)
+    # SamplingParams.prompt_logprobs: per prompt token ({token: logprob} with the top-k; None for
+    # the first), on the output that carries the first generated token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def merge(self, delta: RequestOutput) -> None:
-        """Append a later delta of the same request."""
-        mine, theirs = self.outputs[0], delta.outputs[0]
-        mine.text += theirs.text
-        mine.token_ids.extend(theirs.token_ids)
-        if theirs.logprobs is not None:
-            mine.logprobs = (mine.logprobs or []) + theirs.logprobs
-        mine.finish_reason, mine.stop_reason = theirs.finish_reason, theirs.stop_reason
+        """Append a later delta of the same request (choices matched by ``index``, n > 1)."""
+        if len(self.outputs) == 1 and len(delta.outputs) == 1 and self.outputs[0].index == delta.outputs[0].index:
+            _append(self.outputs[0], delta.outputs[0])
+        else:
+            by_index = {c.index: c for c in self.outputs}
+            for theirs in delta.outputs:
+                if theirs.index in by_index:
+                    _append(by_index[theirs.index], theirs)
+                else:
+                    by_index[theirs.index] = theirs
+            self.outputs = sorted(by_index.values(), key=lambda c: c.index)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.finished = delta.finished
         self.metrics = delta.metrics or self.metrics
+        self.num_cached_tokens = delta.num_cached_tokens
+
+
+def _append(mine: CompletionOutput, theirs: CompletionOutput) -> None:
+    """Fold a later delta of one choice into ``mine``."""
+    mine.text += theirs.text
+    mine.token_ids.extend(theirs.token_ids)
+    if theirs.logprobs is not None:
+        mine.logprobs = (mine.logprobs or []) + theirs.logprobs
+    mine.finish_reason, mine.stop_reason = theirs.finish_reason, theirs.stop_reason

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mistral_serve.engine.structured_output import StructuredOutputSpec
+
 
 @dataclass
 class SamplingParams:
@@ -15,6 +17,13 @@ class SamplingParams:
     ``logprobs=k`` returns the chosen token's log-probability and the top-k alternatives,
     computed from the model's raw distribution (before temperature and filtering), as vLLM
     does by default.
+
+    ``n``: sequences sampled for the one prompt (choices 0..n-1), each with its own sampling
+    stream; with a ``seed``, choice i draws from a seed derived from (seed, i), so each choice
+    is reproducible and choice 0 equals the n = 1 answer. ``prompt_logprobs=k``: the logprob of
+    every prompt token (the first has none) and its top-k, computed chunk by chunk in the
+    prefill. Such a request must prefill every prompt position itself, so a prefix cache
+    must not reuse cached blocks for it (``needs_all_prompt_positions``).
     """
 
     max_tokens: int | None = 16
@@ -33,8 +42,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    n: int = 1
+    prompt_logprobs: int | None = None
+    # Constrained decoding (engine/structured_output.py): a JSON schema, regex, choice or grammar.
+    structured_output: StructuredOutputSpec | None = None
 
     MAX_LOGPROBS = 20
+    MAX_N = 16  # sequences per request: n x max_tokens is what one request may cost
     MAX_STOP_STRINGS = 16
 
     def __post_init__(self) -> None:
@@ -70,12 +84,24 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= self.MAX_N:
+            raise ValueError(f"n must be in [1, {self.MAX_N}], got {self.n}")
         if len(self.stop) > self.MAX_STOP_STRINGS:
             raise ValueError(f"at most {self.MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputSpec):
+            raise ValueError("structured_output must be a StructuredOutputSpec")
+
+    @property
+    def needs_all_prompt_positions(self) -> bool:
+        """True when the prefill must compute every prompt position (prompt logprobs): a
+        prefix cache must then not skip positions by reusing cached KV blocks."""
+        return self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,11 @@ to what is left of the budget (chunked prefill). When the KV pool cannot hold th
 token of a running sequence, the least important running sequence is preempted: its blocks
 are freed and it goes back to the waiting queue to be recomputed later (prompt + output so
 far), so nothing crashes and nothing is dropped.
+
+With prefix caching a waiting request first adopts its longest cached prefix
+(``BlockManager.find_cached_prefix``), so its prompt costs the budget only for the tokens it
+really computes, and it is admitted only if the pool can hold what it adopts and what it adds.
+A preempted request finds its own blocks again the same way if they were not evicted.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # kept sorted by Sequence.sort_key
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
+        # vLLM's prefix-cache counters, in tokens: looked up at admission, and found cached.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -89,14 +97,21 @@ class Scheduler:
             return out  # the pool is full: admitting more would only thrash
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            remaining = seq.num_tokens - seq.num_computed_tokens
+            hit = bm.find_cached_prefix(seq)
+            remaining = seq.num_tokens - (hit.num_tokens if hit else seq.num_computed_tokens)
             n = min(remaining, budget)
             if n < remaining and not self.enable_chunked_prefill:
                 break
-            if not bm.can_allocate(seq, n):
+            if not bm.can_allocate(seq, n, hit):
                 break
             self.waiting.pop(0)
-            bm.allocate(seq, n)
+            bm.allocate(seq, n, hit)
+            if bm.enable_prefix_caching and seq.cacheable:
+                cached = hit.num_tokens if hit else 0
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += cached
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append((seq, n))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mistral_serve.engine.sampling_params import SamplingParams
+from mistral_serve.engine.structured_output import GrammarState
 from mistral_serve.tokenizer.detokenizer import IncrementalDetokenizer
 
 
@@ -58,6 +59,7 @@ class Sequence:
         detokenizer: IncrementalDetokenizer | None,
         priority: int = 0,
         arrival_order: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_len = len(prompt_token_ids)
@@ -79,10 +81,28 @@ class Sequence:
         self.num_preemptions = 0
         self.timings = RequestTimings()
         self.logprobs: list[dict[int, float]] = []
+        # n > 1 (llm_engine.py): the client's request id, shared by its n sequences, and this
+        # sequence's choice index; for n == 1, request_id and 0.
+        self.parent_id = request_id
+        self.index = 0
+        # prompt_logprobs: one entry per prompt token with an entry so far (the first has none);
+        # model_runner.prepare asks for the rows of the positions still missing.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
         self._penalty_state: PenaltyState | None = None
+        # Constrained decoding: this sequence's position in its grammar (engine/structured_output.py).
+        self.grammar: GrammarState | None = None
+        # Prefix caching (block_manager.py): the chained hashes of this sequence's full blocks
+        # computed so far, how many of its blocks are registered, the salt that separates
+        # chains (e.g. per tenant), and the prompt tokens served from the cache at admission.
+        self.cache_salt = cache_salt
+        self.cacheable = not params.needs_all_prompt_positions
+        self.block_hashes: list[bytes] = []
+        self.num_hashed_blocks = 0
+        self.num_cached_tokens = 0
 
     @property
     def num_tokens(self) -> int:

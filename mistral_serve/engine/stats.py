@@ -12,6 +12,9 @@ class EngineStats:
     num_waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    kv_blocks_cached_free: int = 0  # unreferenced prefix-cache blocks (reclaimable: not in kv_blocks_used)
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache at admission
+    prefix_cache_hits: int = 0  # of those, tokens found cached
     num_preemptions: int = 0
     num_steps: int = 0
     prompt_tokens: int = 0
@@ -34,6 +37,9 @@ class EngineStats:
             "kv_blocks_used": self.kv_blocks_used,
             "kv_blocks_total": self.kv_blocks_total,
             "kv_usage": self.kv_usage,
+            "kv_blocks_cached_free": self.kv_blocks_cached_free,
+            "prefix_cache_queries": self.prefix_cache_queries,
+            "prefix_cache_hits": self.prefix_cache_hits,
             "num_preemptions": self.num_preemptions,
             "num_steps": self.num_steps,
             "prompt_tokens": self.prompt_tokens,

@@ -99,6 +99,7 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
+        self.quantization = "none"  # the loader sets the method its projections were built with
         self.rope = RotaryEmbedding(config, max_positions, dtype)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))

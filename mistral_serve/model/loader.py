@@ -18,6 +18,8 @@ from safetensors import safe_open
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.cpu_linear import can_pack, pack_linear_layers
 from mistral_serve.model.decoder import DecoderModel, SiluGateUp
+from mistral_serve.model.quantization.config import resolve_quantization
+from mistral_serve.model.quantization.loading import QuantizedLayerLoader, quantize_in_place
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
 
@@ -81,12 +83,15 @@ def _part_rows(model: DecoderModel, fused: str, part: int) -> tuple[int, int]:
     return starts[part], starts[part + 1]
 
 
-def load_weights(model: DecoderModel, model_dir: Path) -> None:
-    """Copy checkpoint tensors into the (already materialised) model, fusing as we go."""
+def load_weights(model: DecoderModel, model_dir: Path, quantized: QuantizedLayerLoader | None = None) -> None:
+    """Copy checkpoint tensors into the (already materialised) model, fusing as we go; the
+    projections of a quantized model go to ``quantized``, which builds their layers."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for hf_name, tensor in iter_checkpoint(model_dir):
         if "rotary_emb" in hf_name:
+            continue
+        if quantized is not None and quantized.accept(hf_name, tensor):
             continue
         name = hf_name.removeprefix("model.")
         parts = name.split(".")
@@ -117,20 +122,31 @@ def load_weights(model: DecoderModel, model_dir: Path) -> None:
     missing = expected - loaded
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks tensors: {sorted(missing)[:5]}…")
+    if quantized is not None:
+        quantized.finish()
 
 
 def load_model(
-    model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+    quantization: str = "none",
 ) -> DecoderModel:
-    """Build the model without initialising random weights, then fill it from the checkpoint."""
+    """Build the model without initialising random weights, then fill it from the checkpoint.
+
+    ``quantization`` (the engine argument) or the checkpoint's own ``quantization_config``
+    selects quantized projections; those are never materialised in float
+    (``quantization.loading``), and the oneDNN packing below leaves them alone (it only swaps
+    plain ``nn.Linear`` layers)."""
+    qc = resolve_quantization(quantization, config.raw)
     with torch.device("meta"):
         model = DecoderModel(config, max_positions, dtype).to(dtype)
+    quantized = QuantizedLayerLoader(model, qc, device, dtype, SiluGateUp) if qc is not None else None
+    model.quantization = qc.method if qc is not None else "none"
     model = model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope.build_tables(device)
     with torch.no_grad():
-        load_weights(model, model_dir)
+        load_weights(model, model_dir, quantized)
     if can_pack(device, dtype):
         # The tied head stays shared with the embedding table rather than packing a second copy.
         pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set(),
@@ -139,13 +155,15 @@ def load_model(
 
 
 def build_random_model(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int, seed: int = 0, std: float = 0.02
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int, seed: int = 0, std: float = 0.02,
+    quantization: str = "none",
 ) -> DecoderModel:
     """The model of ``config`` with random weights drawn N(0, ``std``) directly on ``device``
     (norms are ones, like ``tiny.random_weights``), without a checkpoint: for benchmarks whose
     timing does not depend on weight values, e.g. Mistral 7B's full shape on a GPU without
     writing 14 GB of safetensors. Same layout and CPU packing as ``load_model``; takes the same
-    arguments after ``model_dir``, so it can stand in for it."""
+    arguments after ``model_dir``, so it can stand in for it. ``quantization`` (int8, int4,
+    fp8) quantizes the projections after drawing them."""
     with torch.device("meta"):
         model = DecoderModel(config, max_positions, dtype).to(dtype)
     model = model.to_empty(device=device)
@@ -159,6 +177,10 @@ def build_random_model(
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, std, generator=gen)
+        qc = resolve_quantization(quantization, config.raw)
+        if qc is not None:
+            quantize_in_place(model, qc, device, dtype, SiluGateUp)
+            model.quantization = qc.method
     if can_pack(device, dtype):
         pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set(),
                            silu_gate_up=SiluGateUp)

@@ -125,12 +125,21 @@ def build_tiny_model(
     kv_heads: int = 2,
     seed: int = 0,
     rope_scaling: str | None = None,
+    quantize: str | None = None,
+    desc_act: bool = False,
 ) -> Path:
-    """Write the checkpoint directory and return its path."""
+    """Write the checkpoint directory and return its path. ``quantize`` ('awq' or 'gptq',
+    ``desc_act`` for GPTQ act-order) writes the projections in that published format, with
+    its ``quantization_config`` in config.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(arch, sliding_window, kv_heads, rope_scaling)
-    save_file(random_weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = random_weights(cfg, seed)
+    if quantize is not None:
+        from mistral_serve.model.quantization.export import prequantize
+
+        weights, cfg["quantization_config"] = prequantize(weights, quantize, desc_act=desc_act, seed=seed)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2) + "\n"

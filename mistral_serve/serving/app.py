@@ -42,6 +42,7 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
     if r.request_router == "least_queue_depth":
         llm["request_router_config"] = RequestRouterConfig(
             request_router_class="mistral_serve.serving.request_router:LeastQueueDepthRouter",
+            request_router_kwargs={"prefix_cache_routing": r.prefix_cache_routing},
             request_routing_stats_period_s=r.routing_stats_period_s,
             request_routing_stats_timeout_s=max(1.0, 5 * r.routing_stats_period_s),
         )

@@ -45,6 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=float, default=None, help="logical CPUs per replica (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--quantization", choices=["none", "int8", "int4", "fp8", "awq", "gptq"], default=None,
+                   help="weight quantization (default none; AWQ/GPTQ checkpoints are detected; docs/quantization.md)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
@@ -85,7 +87,7 @@ def build_args(a: argparse.Namespace) -> dict:
     for flag, key in (("device", "device"), ("dtype", "dtype")):
         if getattr(a, flag) != "auto":
             engine[key] = getattr(a, flag)
-    for key in ("max_model_len", "max_num_seqs", "kv_cache_memory_bytes"):
+    for key in ("max_model_len", "max_num_seqs", "kv_cache_memory_bytes", "quantization"):
         if getattr(a, key) is not None:
             engine[key] = getattr(a, key)
     args["engine"] = engine

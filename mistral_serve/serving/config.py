@@ -104,6 +104,10 @@ class ReplicaConfig(_Strict):
     health_check_timeout_s: float = 30.0
     request_router: Literal["least_queue_depth", "power_of_two"] = "least_queue_depth"
     routing_stats_period_s: float = Field(1.0, gt=0)
+    prefix_cache_routing: bool = Field(
+        True, description="least_queue_depth only: send a request to the replica whose prefix cache holds the "
+                          "longest part of its prompt, unless that replica is half a batch deeper than the "
+                          "shallowest (serving/request_router.py)")
     metrics_interval_s: float = Field(1.0, gt=0)
     graceful_shutdown_timeout_s: float = 60.0
     test_hooks: bool = Field(False, description="tests only: enables LLMReplica.inject_fault and recent_prompts "

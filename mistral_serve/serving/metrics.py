@@ -38,6 +38,8 @@ ENGINE_SERIES = [
     "ray_mistral_serve_kv_cache_usage_perc",
     "ray_mistral_serve_batch_capacity",
     "ray_mistral_serve_num_preemptions_total",
+    "ray_mistral_serve_prefix_cache_queries_total",
+    "ray_mistral_serve_prefix_cache_hits_total",
     "ray_mistral_serve_prompt_tokens_total",
     "ray_mistral_serve_generation_tokens_total",
     "ray_mistral_serve_request_success_total",
@@ -68,6 +70,7 @@ COST_SERIES = [
     "ray_mistral_serve_replica_idle_cost_usd_total",
     "ray_mistral_serve_gpu_price_usd_per_hour",
     "ray_mistral_serve_reference_price_usd_per_1m_tokens",
+    "ray_mistral_serve_replica_quantization_info",
 ]
 
 
@@ -113,14 +116,24 @@ def _prime(counter, tags: dict) -> None:
 class EngineMetrics:
     """Recorded by each LLMReplica: engine gauges/counters, per-request histograms, idle cost."""
 
-    def __init__(self, model_name: str, max_model_len: int) -> None:
+    def __init__(self, model_name: str, max_model_len: int, quantization: str = "none") -> None:
         m = ("model_name",)
         self.tags = {"model_name": model_name}
+        # An info series (always 1): its quantization label joins onto the cost series by
+        # model_name, so $/1M tokens compares replicas that differ only in their weights' format.
+        self.quantization_info = _gauge("mistral_serve_replica_quantization_info",
+                                        "1, labelled with the replica's weight quantization.",
+                                        ("model_name", "quantization"))
+        self.quantization_tags = {**self.tags, "quantization": quantization}
+        self.quantization_info.set(1, tags=self.quantization_tags)
         self.running = _gauge("mistral_serve_num_requests_running", "Sequences in the running batch.", m)
         self.waiting = _gauge("mistral_serve_num_requests_waiting", "Requests waiting for the batch.", m)
         self.kv_usage = _gauge("mistral_serve_kv_cache_usage_perc", "KV blocks in use / total (0..1).", m)
         self.capacity = _gauge("mistral_serve_batch_capacity", "The replica's max_num_seqs.", m)
         self.preemptions = _counter("mistral_serve_num_preemptions", "Preemptions by recompute.", m)
+        self.prefix_queries = _counter("mistral_serve_prefix_cache_queries",
+                                       "Prompt tokens looked up in the prefix cache at admission.", m)
+        self.prefix_hits = _counter("mistral_serve_prefix_cache_hits", "Of those, tokens found cached.", m)
         self.prompt_tokens = _counter("mistral_serve_prompt_tokens", "Prompt tokens prefilled.", m)
         self.generation_tokens = _counter("mistral_serve_generation_tokens", "Tokens generated.", m)
         self.success = _counter("mistral_serve_request_success", "Finished requests by finish reason.",
@@ -150,7 +163,7 @@ class EngineMetrics:
         # requests aborted by their client (the Router is gone by then). Tenants: from the Router.
         self.cost = _counter("mistral_serve_cost_usd", "Compute-seconds of requests x GPU $/s.",
                              ("model_name", "tenant"))
-        for c in (self.preemptions, self.prompt_tokens, self.generation_tokens, self.busy, self.idle, self.idle_cost,
+        for c in (self.preemptions, self.prefix_queries, self.prefix_hits, self.prompt_tokens, self.generation_tokens, self.busy, self.idle, self.idle_cost,
                   self.prompt_len_sum, self.gen_len_sum):
             _prime(c, self.tags)
         for reason in ("stop", "length", "abort"):
@@ -162,6 +175,8 @@ class EngineMetrics:
             self.reference_price.set(reference_usd_per_1m, tags=self.tags)
 
     def set_engine_gauges(self, stats: dict) -> None:
+        # Re-set every loop: Ray evicts a gauge not set again within a few export intervals.
+        self.quantization_info.set(1, tags=self.quantization_tags)
         self.running.set(stats["num_running"], tags=self.tags)
         self.waiting.set(stats["num_waiting"], tags=self.tags)
         self.kv_usage.set(stats["kv_usage"], tags=self.tags)
@@ -233,9 +248,14 @@ class RouterMetrics:
     def observe_latency(self, seconds: float, status: int) -> None:
         self.latency.observe(seconds, tags={"model_name": self.model, "status_code": str(status)})
 
-    def bill(self, tenant: str, prompt_tokens: int, generation_tokens: int, cost_usd: float | None) -> None:
+    def bill(self, tenant: str, prompt_tokens: int, generation_tokens: int, cost_usd: float | None,
+             cached_tokens: int = 0) -> None:
+        """``cached_tokens``: of ``prompt_tokens``, those served from the prefix cache (kind
+        ``cached_prompt``, a subset of kind ``prompt``; their cost is the compute they took)."""
         if prompt_tokens > 0:
             self.tokens.inc(prompt_tokens, tags={"model_name": self.model, "tenant": tenant, "kind": "prompt"})
+        if cached_tokens > 0:
+            self.tokens.inc(cached_tokens, tags={"model_name": self.model, "tenant": tenant, "kind": "cached_prompt"})
         if generation_tokens > 0:
             self.tokens.inc(generation_tokens, tags={"model_name": self.model, "tenant": tenant, "kind": "generation"})
         if cost_usd:

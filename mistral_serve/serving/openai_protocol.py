@@ -2,11 +2,16 @@
 
 Decisions where the API leaves room (docs/serving.md):
 - ``prompt``: a string, a list of token ids, or a list holding exactly one of those. Batches of
-  several prompts and ``n`` / ``best_of`` > 1 are rejected with 400 (send separate requests),
-  as are ``echo``, ``suffix``, ``logit_bias``, tools and JSON response formats.
+  several prompts are rejected with 400 (send separate requests), as are ``suffix``,
+  ``logit_bias``, ``best_of`` other than n, and ``echo`` on chat.
+- ``n`` in [1, 16] (``SamplingParams.MAX_N``): n sequences of one prompt in the engine.
+  ``echo`` (completions) returns the prompt before the completion; with ``logprobs`` also the
+  prompt tokens' logprobs (the first one null), computed in the prefill.
 - vLLM's extra sampling fields are accepted: ``top_k``, ``min_p``, ``repetition_penalty``,
   ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
   ``skip_special_tokens``. Unknown fields are ignored, as OpenAI does.
+- Structured outputs (``response_format``, vLLM's ``structured_outputs`` / ``guided_*``) are
+  validated in serving/response_format.py, tools in serving/tool_calls.py.
 - ``max_tokens`` defaults to 16 for completions (OpenAI's default) and to the rest of the
   context for chat; ``max_completion_tokens`` is an alias for chat.
 """
@@ -52,17 +57,26 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Structured outputs (serving/response_format.py): OpenAI's response_format, vLLM's
+    # structured_outputs and its older guided_* names. Validated there, with llguidance's reasons.
+    response_format: Any | None = None
+    structured_outputs: Any | None = None
+    guided_json: Any | None = None
+    guided_regex: Any | None = None
+    guided_choice: Any | None = None
+    guided_grammar: Any | None = None
 
     def _common_checks(self) -> None:
-        if self.n is not None and self.n != 1:
-            raise _bad("n > 1 is not supported: send n separate requests (each may set its own seed).", "n")
         if self.logit_bias:
             raise _bad("logit_bias is not supported.", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise _bad("stream_options is only allowed when stream is true.", "stream_options")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         kwargs: dict[str, Any] = {
+            "n": 1 if self.n is None else self.n,
+            "prompt_logprobs": prompt_logprobs,
             "max_tokens": max_tokens,
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
@@ -101,10 +115,10 @@ class CompletionRequest(_SamplingFields):
 
     def check(self) -> None:
         self._common_checks()
-        if self.best_of not in (None, 1):
-            raise _bad("best_of > 1 is not supported.", "best_of")
-        if self.echo:
-            raise _bad("echo is not supported.", "echo")
+        n = 1 if self.n is None else self.n
+        if self.best_of is not None and self.best_of != n:
+            raise _bad(f"best_of must equal n ({n}) here: sampling more sequences than are returned is not "
+                       "supported.", "best_of")
         if self.suffix:
             raise _bad("suffix is not supported.", "suffix")
 
@@ -128,9 +142,11 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    # Tool calling (serving/tool_calls.py validates them, with OpenAI-shaped 400s).
+    tools: Any | None = None
     tool_choice: Any | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: Any | None = None
+    echo: bool | None = None  # vLLM's chat extra; refused here (completions only)
 
     @field_validator("messages")
     @classmethod
@@ -142,12 +158,10 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check(self) -> None:
         self._common_checks()
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise _bad("tools are not supported by this server.", "tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise _bad("response_format other than text is not supported.", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise _bad("top_logprobs requires logprobs to be true.", "top_logprobs")
+        if self.echo:
+            raise _bad("echo is only supported on /v1/completions.", "echo")
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -184,6 +198,14 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True
 
 
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``/detokenize`` body."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model: str | None = None
+    tokens: list[int]
+
+
 def _bad(message: str, param: str | None) -> AdmissionError:
     return AdmissionError(400, message, reason="invalid_request", param=param)
 
@@ -210,9 +232,12 @@ def parse(model_cls: type[BaseModel], body: Any) -> Any:
 # ---- responses ----------------------------------------------------------------------------------
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cost_usd: float | None) -> dict:
+def usage_dict(prompt_tokens: int, completion_tokens: int, cost_usd: float | None, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` counts the prompt tokens
+    served from the prefix cache, as OpenAI reports them."""
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
+             "total_tokens": prompt_tokens + completion_tokens,
+             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
     if cost_usd is not None:
         usage["cost_usd"] = round(cost_usd, 12)
     return usage
@@ -256,15 +281,24 @@ def chat_response(rid: str, model: str, created: int, text: str, finish: str | N
     }
 
 
+def with_choices(responses: list[dict]) -> dict:
+    """n > 1: one response holding the single choice of each of ``responses``, as choices 0..n-1."""
+    out = responses[0]
+    if len(responses) > 1:
+        out["choices"] = [dict(r["choices"][0], index=i) for i, r in enumerate(responses)]
+    return out
+
+
 def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None,
-                     logprobs: dict | None) -> dict:
+                     logprobs: dict | None, index: int = 0) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None, logprobs: dict | None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None, logprobs: dict | None,
+               index: int = 0) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, usage: dict) -> dict:

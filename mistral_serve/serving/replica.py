@@ -38,36 +38,17 @@ logger = logging.getLogger("ray.serve")
 ABORT_TIMEOUT_S = 2.0  # an abort resolves within one engine step; a wedged engine never answers
 
 
-class _Accumulator:
-    """Merges engine deltas of one request into one outgoing message."""
+class _Choice:
+    """One choice's text, tokens and logprobs since its last message."""
 
-    def __init__(self, logprobs: int | None, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.k = logprobs or 0
-        want_logprobs = logprobs is not None
+    __slots__ = ("text", "num_tokens", "logprobs", "finish_reason", "finish_sent")
+
+    def __init__(self, want_logprobs: bool) -> None:
         self.text: list[str] = []
         self.num_tokens = 0
         self.logprobs: list | None = [] if want_logprobs else None
         self.finish_reason: str | None = None
-        self.metrics = None
-        self.finished = False
-        self.prompt_tokens = 0
-        self.aborted = None  # the engine's final output of a request we aborted
-
-    def add(self, item) -> None:
-        if isinstance(item, BaseException):
-            raise item
-        out, c = item, item.outputs[0]
-        self.text.append(c.text)
-        self.num_tokens += len(c.token_ids)
-        self.prompt_tokens = len(out.prompt_token_ids)
-        if self.logprobs is not None and c.logprobs:
-            for tok, entry in zip(c.token_ids, c.logprobs):
-                self.logprobs.append(_format_logprobs(tok, entry, self.tokenizer, self.k))
-        if out.finished:
-            self.finished = True
-            self.finish_reason = c.finish_reason
-            self.metrics = out.metrics
+        self.finish_sent = False
 
     def take(self) -> tuple[str, int, list | None]:
         """(text, number of tokens, logprobs or None) since the last take."""
@@ -77,8 +58,68 @@ class _Accumulator:
         self.text, self.num_tokens = [], 0
         return out
 
-    def delta(self) -> Delta:
-        return Delta(*self.take())
+
+class _Accumulator:
+    """Merges engine deltas of one request (its n choices) into outgoing messages."""
+
+    def __init__(self, logprobs: int | None, tokenizer, n: int = 1, prompt_logprobs: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.k = logprobs or 0
+        self.prompt_k = prompt_logprobs or 0
+        self.choices = [_Choice(logprobs is not None) for _ in range(n)]
+        self.finish_reason: str | None = None
+        self.metrics = None
+        self.finished = False
+        self.prompt_tokens = 0
+        self.cached_tokens: int | None = None  # n > 1: the least of the choices' (the first computed the prompt)
+        self.prompt_logprobs: list | None = None  # formatted, until a message carries them
+        self.aborted = None  # the engine's final output of a request we aborted
+
+    def add(self, item) -> None:
+        if isinstance(item, BaseException):
+            raise item
+        out = item
+        self.prompt_tokens = len(out.prompt_token_ids)
+        cached = out.num_cached_tokens
+        self.cached_tokens = cached if self.cached_tokens is None else min(self.cached_tokens, cached)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = [_format_logprobs(t, e, self.tokenizer, self.prompt_k)
+                                    for t, e in zip(out.prompt_token_ids, out.prompt_logprobs)]
+        for c in out.outputs:
+            ch = self.choices[c.index]
+            ch.text.append(c.text)
+            ch.num_tokens += len(c.token_ids)
+            if ch.logprobs is not None and c.logprobs:
+                for tok, entry in zip(c.token_ids, c.logprobs):
+                    ch.logprobs.append(_format_logprobs(tok, entry, self.tokenizer, self.k))
+            if c.finish_reason is not None:
+                ch.finish_reason = c.finish_reason
+        if out.finished:
+            self.finished = True
+            self.finish_reason = out.outputs[-1].finish_reason
+            self.metrics = out.metrics
+
+    def take(self) -> tuple[str, int, list | None]:
+        """(text, number of tokens, logprobs or None) of the one choice (n == 1) since the last take."""
+        return self.choices[0].take()
+
+    def take_prompt_logprobs(self) -> list | None:
+        out, self.prompt_logprobs = self.prompt_logprobs, None
+        return out
+
+    def deltas(self) -> list[Delta]:
+        """What came in since the last messages: one Delta (n == 1), or one per choice with new
+        tokens or a new end (n > 1), the first of them carrying the prompt logprobs."""
+        if len(self.choices) == 1:
+            return [Delta(*self.take(), prompt_logprobs=self.take_prompt_logprobs())]
+        out = []
+        for i, ch in enumerate(self.choices):
+            ends = ch.finish_reason is not None and not ch.finish_sent
+            if ch.num_tokens or ends:
+                ch.finish_sent = ch.finish_sent or ends
+                out.append(Delta(*ch.take(), index=i, finish_reason=ch.finish_reason if ends else None,
+                                 prompt_logprobs=None if out else self.take_prompt_logprobs()))
+        return out
 
 
 def _format_logprobs(token: int, entry: dict[int, float] | None, tokenizer, k: int) -> tuple:
@@ -114,12 +155,13 @@ class LLMReplica:
         self._recent_prompts: collections.deque | None = (
             collections.deque(maxlen=64) if self.args.replicas.test_hooks else None)
         self._meter = BusyIdleMeter()
-        self._last = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0}
+        self._last = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0, "prefix_cache_queries": 0,
+                      "prefix_cache_hits": 0}
         self.metrics = None
         try:
             from mistral_serve.serving.metrics import EngineMetrics
 
-            self.metrics = EngineMetrics(self.model_name, self.max_model_len)
+            self.metrics = EngineMetrics(self.model_name, self.max_model_len, self.engine.engine.quantization)
             self.metrics.set_prices(self.price, self.args.cost.reference_price_usd_per_1m_output_tokens)
         except Exception:  # noqa: BLE001 - metrics must never keep a replica from serving
             logger.exception("LLMReplica: metrics disabled")
@@ -146,7 +188,7 @@ class LLMReplica:
             yield ReplicaError("invalid_request", str(exc))
             return
         stream = bool(req.stream)
-        acc = _Accumulator(params.logprobs, self.tokenizer)
+        acc = _Accumulator(params.logprobs, self.tokenizer, params.n, params.prompt_logprobs)
         outputs = self.engine.generate(req.prompt_token_ids, params, rid, req.priority)
         messages = self._messages(rid, outputs, acc, stream)
         self._ongoing += 1
@@ -208,12 +250,14 @@ class LLMReplica:
                         await asyncio.sleep(wait)
                         _drain(queue, acc)
                 if acc.finished:
-                    yield self._final(acc)
+                    for msg in self._final_messages(acc):
+                        yield msg
                     return
                 if first or stream:
                     first = False
                     last_sent = loop.time()
-                    yield acc.delta()
+                    for msg in acc.deltas():
+                        yield msg
         finally:
             if pacer is not None:
                 pacer.closed()
@@ -225,15 +269,24 @@ class LLMReplica:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    def _final(self, acc: _Accumulator) -> Final:
-        text, num_tokens, logprobs = acc.take()
+    def _final_messages(self, acc: _Accumulator) -> list[Delta | Final]:
+        """The last messages: n == 1, the Final with the last tokens; n > 1, the choices' last
+        Deltas, then a Final holding only the usage and the bill."""
+        if len(acc.choices) == 1:
+            text, num_tokens, logprobs = acc.take()
+            deltas = []
+        else:
+            deltas, text, num_tokens, logprobs = acc.deltas(), "", 0, None
         m = acc.metrics
         compute = m.compute_seconds if m is not None else 0.0
         gen = m.num_generation_tokens if m is not None else 0
         prompt = m.num_prompt_tokens if m is not None else acc.prompt_tokens
         if self.metrics is not None:
             self.metrics.finished(acc.finish_reason or "stop", m)
-        return Final(text, num_tokens, logprobs, acc.finish_reason, prompt, gen, request_cost_usd(compute, self.price))
+        finish = acc.finish_reason if len(acc.choices) == 1 else None
+        final = Final(text, num_tokens, logprobs, finish, prompt, gen, request_cost_usd(compute, self.price),
+                      prompt_logprobs=acc.take_prompt_logprobs(), cached_tokens=acc.cached_tokens or 0)
+        return [*deltas, final]
 
     # ---- Serve hooks --------------------------------------------------------------------------
 
@@ -255,7 +308,11 @@ class LLMReplica:
     def record_routing_stats(self) -> dict[str, Any]:
         """Read by LeastQueueDepthRouter (request_router.py) in every caller of this deployment."""
         s = self.engine.stats()
+        block_size, stride, keys = self.engine.prefix_routing_keys()
         return {
+            "prefix_block_size": block_size,  # cache-aware routing (request_router.py)
+            "prefix_stride": stride,
+            "prefix_keys": keys,
             "num_waiting": s["num_waiting"],
             "num_running": s["num_running"],
             "kv_usage": s["kv_usage"],
@@ -351,7 +408,8 @@ class LLMReplica:
         m.set_engine_gauges(s)
         m.set_prices(self.price, self.args.cost.reference_price_usd_per_1m_output_tokens)
         for key, counter in (("prompt_tokens", m.prompt_tokens), ("generation_tokens", m.generation_tokens),
-                             ("num_preemptions", m.preemptions)):
+                             ("num_preemptions", m.preemptions), ("prefix_cache_queries", m.prefix_queries),
+                             ("prefix_cache_hits", m.prefix_hits)):
             m.add(counter, s[key] - self._last[key])
             self._last[key] = s[key]
         m.add(m.busy, busy)

@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistral_serve.engine import validation
+from mistral_serve.engine.structured_output import StructuredOutputSpec
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.serving.admission import (
     ANONYMOUS,
@@ -40,6 +41,7 @@ from mistral_serve.serving.config import AppArgs, resolve_tokenizer_dir, router_
 from mistral_serve.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     TokenizeRequest,
     chat_chunk,
     chat_logprobs,
@@ -52,11 +54,15 @@ from mistral_serve.serving.openai_protocol import (
     parse,
     usage_chunk,
     usage_dict,
+    with_choices,
 )
 from mistral_serve.serving.redact import redact
+from mistral_serve.serving.response_format import check_constraint, constraint_from_request
+from mistral_serve.serving.tool_calls import ToolContext, encode_messages, prepare_tools
 from mistral_serve.serving.tenants import build_tenants
 from mistral_serve.serving.wire import Delta, Final, GenerateRequest, ReplicaError
 from mistral_serve.tokenizer import load_tokenizer
+from mistral_serve.tokenizer.tokenizer import MistralCommonTokenizer
 
 logger = logging.getLogger("ray.serve")
 
@@ -109,6 +115,14 @@ class ReplicaFailedError(AdmissionError):
     def __init__(self, message: str, *, retry_after_s: float | None, failed_replica: str | None = None) -> None:
         super().__init__(503, message, reason="no_replica", retry_after_s=retry_after_s)
         self.failed_replica = failed_replica
+
+
+def _bodiless_if_head(request: Request, response: Response) -> Response:
+    """The answer to a HEAD request: the GET answer's status and headers, without its body."""
+    if request.method != "HEAD":
+        return response
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return Response(status_code=response.status_code, headers=headers)
 
 
 def _sse_line(obj: dict) -> str:
@@ -168,6 +182,7 @@ class _Ticket:
     started: bool = False
     released: bool = False
     generated: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from the replica's prefix cache
     cost_usd: float | None = None
     finished: bool = False
     request_id: str = ""  # the engine's request id, also the response body's ``id`` (unique, ours)
@@ -227,21 +242,24 @@ class Router:
 
     # ---- routes -------------------------------------------------------------------------------
 
-    @api.get("/health")
-    async def health(self) -> Response:
-        return JSONResponse({"status": "ok"})
+    # GET and HEAD: load balancers probe with HEAD, which must answer the same status with no body.
+    @api.api_route("/health", methods=["GET", "HEAD"])
+    async def health(self, request: Request) -> Response:
+        return _bodiless_if_head(request, JSONResponse({"status": "ok"}))
 
-    @api.get("/ready")
-    async def ready(self) -> Response:
+    @api.api_route("/ready", methods=["GET", "HEAD"])
+    async def ready(self, request: Request) -> Response:
         if self.ready_replicas is None:
             await self._poll_status()
         if self.draining:
-            return self._error(AdmissionError(503, "The server is draining.", reason="draining",
-                                              retry_after_s=self.adm.retry_after_s), count=False)
-        if not self.ready_replicas:
-            return self._error(AdmissionError(503, "No model replica is ready.", reason="no_replica",
-                                              retry_after_s=self.adm.retry_after_s), count=False)
-        return JSONResponse({"status": "ready", "replicas": self.ready_replicas})
+            response = self._error(AdmissionError(503, "The server is draining.", reason="draining",
+                                                  retry_after_s=self.adm.retry_after_s), count=False)
+        elif not self.ready_replicas:
+            response = self._error(AdmissionError(503, "No model replica is ready.", reason="no_replica",
+                                                  retry_after_s=self.adm.retry_after_s), count=False)
+        else:
+            response = JSONResponse({"status": "ready", "replicas": self.ready_replicas})
+        return _bodiless_if_head(request, response)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -271,6 +289,23 @@ class Router:
             else:
                 ids = self._check_ids(list(req.prompt))
             return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
+        except AdmissionError as exc:
+            return self._error(exc, tenant=tenant)
+
+    @api.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest))
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's shape: ``{"tokens": [ids]}`` (optional ``model``) → ``{"prompt": text}``; special
+        tokens are kept, so the ids of ``/tokenize`` come back as the exact text they encode."""
+        tenant = None
+        try:
+            tenant = self._authenticate(request)
+            req = parse(DetokenizeRequest, await self._read_json(request))
+            if req.model is not None and req.model != self.model_name:
+                raise self._unknown_model(req.model)
+            if validation.bad_token_ids(req.tokens, self.vocab_size):
+                raise AdmissionError(400, f"Token ids must be integers in [0, {self.vocab_size}).",
+                                     reason="invalid_request", param="tokens")
+            return JSONResponse({"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)})
         except AdmissionError as exc:
             return self._error(exc, tenant=tenant)
 
@@ -323,13 +358,18 @@ class Router:
             req.check()
             if req.model != self.model_name:
                 raise self._unknown_model(req.model)
+            echo: str | None = None  # completions with echo: the prompt text, before each choice's text
+            tools = prepare_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tokenizer) if chat else None
             if chat:
-                ids = self._encode_chat(req)
+                ids = self._encode_chat(req, tools)
                 max_tokens, logprobs = req.effective_max_tokens, req.engine_logprobs
             else:
                 prompt = req.single_prompt()
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
                 max_tokens, logprobs = req.max_tokens, req.logprobs
+                if req.echo:
+                    echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(
+                        ids, skip_special_tokens=req.skip_special_tokens)
             if max_tokens is not None and max_tokens < 1:
                 raise AdmissionError(400, f"max_tokens must be >= 1, got {max_tokens}.", reason="invalid_request",
                                      param="max_tokens")
@@ -338,14 +378,18 @@ class Router:
                                                 self.adm.soft_max_context_tokens, self.adm.soft_context_policy, param)
             if warning and self.metrics:
                 self.metrics.soft_context_exceeded(tenant, "warn")
-            params = req.sampling_params(max_tokens, logprobs)
+            # echo + logprobs: the prompt tokens' logprobs too, computed in the prefill
+            params = req.sampling_params(max_tokens, logprobs, logprobs if echo is not None else None)
             if validation.bad_token_ids(params.stop_token_ids, self.vocab_size):
                 raise AdmissionError(400, validation.stop_ids_message(self.vocab_size), reason="invalid_request",
                                      param="stop_token_ids")
+            params.structured_output = self._constraint(req, tools)
+            if tools is not None and tools.mistral:
+                params.skip_special_tokens = False  # the answer's [TOOL_CALLS] token must reach the parser
             if self.ready_replicas == 0:
                 raise AdmissionError(503, "No model replica is ready; retry shortly.", reason="no_replica",
                                      retry_after_s=self.adm.retry_after_s)
-            ticket = await self._admit(tenant, len(ids), len(ids) + max_tokens)
+            ticket = await self._admit(tenant, len(ids), len(ids) + params.n * max_tokens)
             gen_req = GenerateRequest(
                 request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 prompt_token_ids=ids,
@@ -360,7 +404,7 @@ class Router:
                 ticket.prompt_log = redact(self.tokenizer.decode(ids, skip_special_tokens=False))
                 ticket.completion_log = []
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            response = await self._run(gen_req, ticket, chat, bool(req.stream), include_usage, t0)
+            response = await self._run(gen_req, ticket, chat, bool(req.stream), include_usage, t0, echo, tools)
             if warning:
                 response.headers["x-context-warning"] = warning
             return response
@@ -441,7 +485,8 @@ class Router:
         if self.metrics:
             self.metrics.set_in_flight(self.in_flight)
             if ticket.started:
-                self.metrics.bill(ticket.tenant, ticket.prompt_tokens, ticket.generated, ticket.cost_usd)
+                self.metrics.bill(ticket.tenant, ticket.prompt_tokens, ticket.generated, ticket.cost_usd,
+                                  ticket.cached_tokens)
 
     async def _shared_refund(self, tenant: str, tokens: int) -> None:
         try:
@@ -458,7 +503,7 @@ class Router:
         task.add_done_callback(self._background.discard)
 
     async def _run(self, gen_req: GenerateRequest, ticket: _Ticket, chat: bool, stream: bool, include_usage: bool,
-                   t0: float) -> Response:
+                   t0: float, echo: str | None = None, tools: ToolContext | None = None) -> Response:
         deadline = t0 + self.adm.request_timeout_s
         start_deadline = min(deadline, time.monotonic() + self.adm.queue_timeout_s)
         for attempt in range(1, START_ATTEMPTS + 1):
@@ -486,18 +531,29 @@ class Router:
         self._mark_started(ticket)
         rid, created = gen_req.request_id, int(time.time())
         if stream:
-            body = self._stream(gen, first, ticket, rid, created, chat, include_usage, deadline, t0)
+            body = self._stream(gen, first, ticket, rid, created, chat, include_usage, deadline, t0,
+                                gen_req.sampling.n, echo, tools)
             # If the response is never iterated (client gone before it starts), the generator's
             # finally never runs: release the ticket and cancel the call when it is collected.
             weakref.finalize(body, self._abandon, gen, ticket)
             # No x-request-id here or below: Serve's proxy adds it (_serve_request_id).
             return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-        texts, lps, msg = [], [], first
+        n = gen_req.sampling.n
+        # Per choice (n > 1: each message holds one, wire.py): texts, logprobs, finish reason.
+        texts: list[list[str]] = [[] for _ in range(n)]
+        lps: list[list] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        prompt_lps: list = []
+        msg = first
         try:
             while True:
                 self._absorb(ticket, msg)
-                texts.append(msg.text)
-                lps.extend(msg.logprobs or ())
+                texts[msg.index].append(msg.text)
+                lps[msg.index].extend(msg.logprobs or ())
+                if msg.finish_reason is not None:
+                    finish[msg.index] = msg.finish_reason
+                if msg.prompt_logprobs is not None:
+                    prompt_lps = msg.prompt_logprobs
                 if isinstance(msg, Final):
                     break
                 msg = await self._next(gen, deadline)
@@ -505,14 +561,21 @@ class Router:
             gen.cancel()
             raise
         ticket.finished = True
-        usage = usage_dict(ticket.prompt_tokens, ticket.generated, ticket.cost_usd)
+        usage = usage_dict(ticket.prompt_tokens, ticket.generated, ticket.cost_usd, ticket.cached_tokens)
         want_lp = gen_req.sampling.logprobs is not None
         if chat:
-            out = chat_response(rid, self.model_name, created, "".join(texts), msg.finish_reason,
-                                chat_logprobs(lps) if want_lp else None, usage)
+            out = with_choices([chat_response(rid, self.model_name, created, "".join(texts[i]), finish[i],
+                                              chat_logprobs(lps[i]) if want_lp else None, usage) for i in range(n)])
+            if tools is not None:
+                for choice in out["choices"]:
+                    tools.apply_to_choice(choice)
         else:
-            out = completion_response(rid, self.model_name, created, "".join(texts), msg.finish_reason,
-                                      completion_logprobs(lps) if want_lp else None, usage)
+            if echo is not None:  # the prompt, and its tokens' logprobs, before each choice's own
+                texts = [[echo, *t] for t in texts]
+                lps = [prompt_lps + entries for entries in lps]
+            out = with_choices([completion_response(rid, self.model_name, created, "".join(texts[i]), finish[i],
+                                                    completion_logprobs(lps[i]) if want_lp else None, usage)
+                                for i in range(n)])
         return JSONResponse(out, headers={"x-request-cost-usd": f"{ticket.cost_usd or 0:.12f}"})
 
     async def _next(self, gen, deadline: float, queued: bool = False) -> Delta | Final:
@@ -569,34 +632,55 @@ class Router:
             ticket.completion_log.append(msg.text)
         if isinstance(msg, Final):
             ticket.generated = msg.completion_tokens
+            ticket.cached_tokens = msg.cached_tokens
             ticket.cost_usd = msg.cost_usd
 
     async def _stream(self, gen, first: Delta | Final, ticket: _Ticket, rid: str, created: int, chat: bool, include_usage: bool,
-                   deadline: float, t0: float):
+                   deadline: float, t0: float, n: int = 1, echo: str | None = None, tools: ToolContext | None = None):
         model = self.model_name
         status = 200
+        # Tool calls (tool_calls.py): each choice's text goes through its own parser.
+        parsers = [tools.stream() for _ in range(n)] if tools is not None and chat else None
         try:
             if chat:
-                yield _sse_line(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None, None))
+                for i in range(n):
+                    yield _sse_line(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None, None,
+                                               index=i))
             msg = first
+            if echo is not None:  # completions: each choice starts with the prompt (and its logprobs)
+                plp = msg.prompt_logprobs
+                for i in range(n):
+                    yield _sse_line(completion_chunk(rid, model, created, echo, None,
+                                                     completion_logprobs(plp) if plp else None, index=i))
             while True:
                 self._absorb(ticket, msg)
                 final = isinstance(msg, Final)
                 lp = msg.logprobs
-                if msg.text or lp or (final and not chat):
+                # a choice ends on the Final (n == 1) or on its last Delta (n > 1, wire.py)
+                ended = msg.finish_reason is not None or (final and n == 1)
+                if parsers is not None:
+                    parser = parsers[msg.index]
+                    deltas = parser.feed(msg.text) + (parser.finish() if ended else [])
+                    if lp and not deltas:
+                        deltas = [{}]  # the logprobs still go out, with an empty delta
+                    for j, delta in enumerate(deltas):
+                        yield _sse_line(chat_chunk(rid, model, created, delta, None,
+                                                   chat_logprobs(lp) if lp and j == 0 else None, index=msg.index))
+                elif msg.text or lp or (ended and not chat):
                     if chat:
                         chunk = chat_chunk(rid, model, created, {"content": msg.text}, None,
-                                           chat_logprobs(lp) if lp else None)
+                                           chat_logprobs(lp) if lp else None, index=msg.index)
                     else:
-                        chunk = completion_chunk(rid, model, created, msg.text, msg.finish_reason if final else None,
-                                                 completion_logprobs(lp) if lp else None)
+                        chunk = completion_chunk(rid, model, created, msg.text, msg.finish_reason if ended else None,
+                                                 completion_logprobs(lp) if lp else None, index=msg.index)
                     yield _sse_line(chunk)
+                if ended and chat:
+                    reason = parsers[msg.index].finish_reason(msg.finish_reason) if parsers else msg.finish_reason
+                    yield _sse_line(chat_chunk(rid, model, created, {}, reason, None, index=msg.index))
                 if final:
                     ticket.finished = True
-                    if chat:
-                        yield _sse_line(chat_chunk(rid, model, created, {}, msg.finish_reason, None))
                     if include_usage:
-                        usage = usage_dict(ticket.prompt_tokens, ticket.generated, ticket.cost_usd)
+                        usage = usage_dict(ticket.prompt_tokens, ticket.generated, ticket.cost_usd, ticket.cached_tokens)
                         obj = "chat.completion.chunk" if chat else "text_completion"
                         yield _sse_line(usage_chunk(rid, model, created, obj, usage))
                     break
@@ -670,15 +754,28 @@ class Router:
                                  param="prompt")
         return ids
 
-    def _encode_chat(self, req: ChatCompletionRequest) -> list[int]:
-        messages = req.normalized_messages()
+    def _encode_chat(self, req: ChatCompletionRequest, tools: ToolContext | None = None) -> list[int]:
+        messages = encode_messages(req.normalized_messages(), isinstance(self.tokenizer, MistralCommonTokenizer))
         try:
-            return list(self.tokenizer.encode_chat(messages))
+            return list(self.tokenizer.encode_chat(messages, tools.tools if tools is not None else None))
         except AdmissionError:
             raise
         except Exception as exc:  # noqa: BLE001 - mistral-common / chat template validation
             raise AdmissionError(400, f"Invalid messages: {exc}", reason="invalid_request",
                                  param="messages") from None
+
+    @staticmethod
+    def _constraint(req, tools: ToolContext | None) -> StructuredOutputSpec | None:
+        """The request's decoding constraint: its response_format / vLLM extras, or the grammar
+        of a call that tool_choice forces (not both)."""
+        spec = constraint_from_request(req)
+        if tools is not None and tools.forced is not None:
+            if spec is not None:
+                raise AdmissionError(400, "response_format cannot be combined with a tool_choice that forces a call.",
+                                     reason="invalid_request", param="response_format")
+            check_constraint(tools.forced, "tools")
+            spec = tools.forced
+        return spec
 
     def _error(self, exc: AdmissionError, tenant: str | None = None, count: bool = True) -> JSONResponse:
         if count and self.metrics:

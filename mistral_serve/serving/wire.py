@@ -5,6 +5,11 @@ handle; no validation layer on the per-message path), free of Ray so they are un
 A call yields zero or more ``Delta`` messages and then exactly one ``Final`` (streaming: one
 ``Delta`` at the first token, then one per pacing interval; non-streaming: one ``Delta`` at the
 first token, the Router's start signal), or a ``ReplicaError`` instead, after which the stream ends.
+
+``n > 1``: each message holds one choice (``index``); per interval one ``Delta`` per choice
+with new tokens, a choice's end is the ``finish_reason`` of its last ``Delta``, and the
+``Final`` carries no choice (empty text, no finish reason), only the request's usage and bill.
+``prompt_logprobs`` (prompt logprobs were asked) rides on the first message only.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class Delta:
     text: str
     num_tokens: int
     logprobs: list | None = None  # (token text, logprob, [(text, logprob)] of the top k) per token
+    index: int = 0  # the choice (n > 1)
+    finish_reason: str | None = None  # n > 1: this choice ended (n == 1: on the Final)
+    prompt_logprobs: list | None = None  # as ``logprobs``, per prompt token (the first: logprob None)
 
 
 @dataclass(slots=True)
@@ -52,8 +60,11 @@ class Final:
     logprobs: list | None
     finish_reason: str | None
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # all n choices together
     cost_usd: float
+    index: int = 0
+    prompt_logprobs: list | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV the replica's prefix cache already held
 
 
 @dataclass(slots=True)

@@ -27,8 +27,15 @@ class Tokenizer(ABC):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     @abstractmethod
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """OpenAI-style messages → prompt ids, ending where the assistant's answer starts."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """OpenAI-style messages (and tool definitions, OpenAI's ``tools``) → prompt ids,
+        ending where the assistant's answer starts."""
+
+    @abstractmethod
+    def grammar_tokenizer(self, vocab_size: int, eos_token_ids: list[int]):
+        """This vocabulary as an ``llguidance.LLTokenizer`` of ``vocab_size`` ids, for
+        constrained decoding (engine/structured_output.py). Here because only the tokenizer
+        knows how its pieces map to bytes. Expensive (~0.1-1 s): the caller caches it."""
 
 
 class MistralCommonTokenizer(Tokenizer):
@@ -47,14 +54,49 @@ class MistralCommonTokenizer(Tokenizer):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
-        policy = SpecialTokenPolicy.IGNORE if skip_special_tokens else SpecialTokenPolicy.KEEP
-        return self._tok.decode(ids, special_token_policy=policy)
+        if skip_special_tokens:
+            return self._tok.decode(ids, special_token_policy=SpecialTokenPolicy.IGNORE)
+        # mistral-common's KEEP policy returns raw pieces ("▁Hi<0x0A>"), not text: decode each
+        # run between special tokens as text and keep the special tokens' names ("[TOOL_CALLS]"),
+        # which is what the tool-call parser (serving/tool_calls.py) and /detokenize need.
+        parts, run = [], []
+        for t in ids:
+            if self._tok.is_special(t):
+                if run:
+                    parts.append(self._tok.decode(run, special_token_policy=SpecialTokenPolicy.IGNORE))
+                    run = []
+                parts.append(self._tok.id_to_piece(t))
+            else:
+                run.append(t)
+        if run:
+            parts.append(self._tok.decode(run, special_token_policy=SpecialTokenPolicy.IGNORE))
+        return "".join(parts)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        request = ChatCompletionRequest.model_validate({"messages": messages})
+        body: dict[str, Any] = {"messages": messages}
+        if tools:
+            body["tools"] = tools  # [AVAILABLE_TOOLS] ... [/AVAILABLE_TOOLS], mistral-common's own layout
+        request = ChatCompletionRequest.model_validate(body)
         return self._mistral.encode_chat_completion(request).tokens
+
+    def control_token_id(self, name: str) -> int | None:
+        """The id of a control token such as ``[TOOL_CALLS]``, or None if this vocabulary lacks it."""
+        try:
+            return self._tok.get_special_token(name)
+        except Exception:  # noqa: BLE001 - mistral-common raises different errors per version
+            return None
+
+    def grammar_tokenizer(self, vocab_size: int, eos_token_ids: list[int]):
+        import llguidance
+        from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+
+        if not isinstance(self._tok, SentencePieceTokenizer):
+            raise ValueError("structured outputs support sentencepiece (v1-v3) Mistral tokenizers, not tekken")
+        wrapper = llguidance.TokenizerWrapper(_SentencePieceBytes(self._tok._model, eos_token_ids))
+        return llguidance.LLTokenizer(wrapper, n_vocab=vocab_size,
+                                      eos_token=eos_token_ids)
 
 
 class HFTokenizer(Tokenizer):
@@ -77,11 +119,53 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         if not self._tok.chat_template:
             raise ValueError("this model has no chat template; use the completions API")
-        out = self._tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        out = self._tok.apply_chat_template(messages, tools=tools or None, tokenize=True, add_generation_prompt=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of an added special token such as ``<|python_tag|>``, or None."""
+        tid = self._tok.convert_tokens_to_ids(text)
+        return None if tid is None or tid == self._tok.unk_token_id else tid
+
+    def grammar_tokenizer(self, vocab_size: int, eos_token_ids: list[int]):
+        from llguidance.hf import from_tokenizer
+
+        return from_tokenizer(self._tok, n_vocab=vocab_size, eos_token=eos_token_ids)
+
+
+class _SentencePieceBytes:
+    """A sentencepiece model in the shape ``llguidance.TokenizerWrapper`` reads: each id's bytes
+    (``▁`` is a space, ``<0xNN>`` pieces are that byte, control tokens are special) and an
+    encoder of bytes that adds no dummy-prefix space (llguidance tokenizes forced text with it)."""
+
+    def __init__(self, sp, eos_token_ids: list[int]) -> None:
+        self._sp = sp
+        self.eos_token_id = eos_token_ids[0]
+        self.bos_token_id = sp.bos_id()
+        self.tokens: list[bytes] = []
+        self.special_token_ids: list[int] = []
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i):
+                self.tokens.append(piece.encode())
+                self.special_token_ids.append(i)
+            elif sp.is_byte(i):
+                self.tokens.append(bytes([int(piece[3:5], 16)]))
+            else:
+                self.tokens.append(piece.replace("\u2581", " ").encode())
+        # sentencepiece puts a space before the text; after a newline (a byte token nothing
+        # merges with) the rest is tokenized as at the start of a line, so strip those ids.
+        self._prefix = sp.encode("\n")
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        ids = self._sp.encode("\n" + text)
+        n = len(self._prefix)
+        return ids[n:] if ids[:n] == self._prefix else ids
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
