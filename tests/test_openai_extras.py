@@ -128,6 +128,17 @@ def test_n_choices_differ_and_are_reproducible_with_a_seed(tiny_model_dir):
     assert_pool_free(llm)
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_n_sequences_share_the_prompt_prefill_through_the_prefix_cache(tiny_model_dir, prefix_caching):
+    """Added in one step, the n sequences prefill the prompt's full blocks once (the cache):
+    each other choice computes only the tokens past the last full block."""
+    llm = LLM(str(tiny_model_dir), block_size=16, enable_prefix_caching=prefix_caching)
+    prompt = random_prompts(1, 65, 65, seed=15)[0]  # 4 full blocks + 1 token
+    llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=3, n=4, seed=2))
+    assert llm.engine.stats.prompt_tokens == (65 + 3 * 1 if prefix_caching else 4 * 65)
+    assert_pool_free(llm)
+
+
 def test_n_greedy_choices_are_equal_and_texts_per_choice(tiny_model_dir):
     llm = LLM(str(tiny_model_dir))
     out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=3))[0]
@@ -172,6 +183,13 @@ def test_n_with_one_choice_ending_early(tiny_model_dir):
 def test_bad_new_sampling_values_raise(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+def test_best_choices_ranks_by_cumulative_logprob():
+    from mistral_serve.serving.openai_protocol import best_choices
+
+    entries = [[("a", -1.0, []), ("b", -1.0, [])], [("c", -0.5, [])], [("d", -3.0, []), ("e", None, [])]]
+    assert best_choices(entries, 2) == [1, 0] and best_choices(entries, 3) == [1, 0, 2]
 
 
 def test_prompt_logprobs_flag_for_the_prefix_cache():
@@ -328,13 +346,33 @@ def test_http_echo_text_streaming_and_with_n(live_server):
     assert [c.text for c in both.choices] == [full.choices[0].text] * 2  # greedy: equal choices
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_http_best_of_returns_the_n_best_by_cumulative_logprob(live_server):
+    client = _client(live_server)
+    kw = dict(model=live_server.model, prompt="In the beginning", max_tokens=5, temperature=1.0, seed=5,
+              extra_body={"ignore_eos": True})
+    # the same seeds sample the same sequences: n = 4 shows all of them with their logprobs
+    every = client.completions.create(n=4, logprobs=0, **kw).choices
+    score = {c.text: sum(c.logprobs.token_logprobs) for c in every}
+    assert len(score) == 4
+    best = client.completions.create(n=2, best_of=4, **kw)
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert [c.text for c in best.choices] == sorted(score, key=lambda t: -score[t])[:2]
+    assert best.usage.completion_tokens == 20  # all best_of sequences are generated (and billed)
+    with_lp = client.completions.create(n=1, best_of=4, logprobs=1, **kw).choices[0]
+    assert sum(with_lp.logprobs.token_logprobs) == pytest.approx(max(score.values()), abs=1e-5)
+
+
 NEW_FIELD_ERRORS = [
     # (id, path, body, param)
     ("n-zero", "/v1/completions", {"prompt": "x", "n": 0}, "n"),
     ("n-above-max", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
                                              "n": 17}, "n"),
     ("n-not-int", "/v1/completions", {"prompt": "x", "n": "two"}, "n"),
-    ("best-of-above-n", "/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
+    ("best-of-below-n", "/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    ("best-of-above-max", "/v1/completions", {"prompt": "x", "best_of": 17}, "best_of"),
+    ("best-of-streamed", "/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, "best_of"),
     ("echo-on-chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
     ("echo-logprobs-21", "/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, "logprobs"),
     ("echo-logprobs-negative", "/v1/completions", {"prompt": "x", "echo": True, "logprobs": -1}, "logprobs"),

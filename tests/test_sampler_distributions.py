@@ -10,7 +10,8 @@ reference differs from plain softmax sampling by more than 2 eps, so a sampler t
 the feature would fail.
 
 Every test runs with the NumPy backend (CPU), with NumPy and tiny block/candidate sizes
-(forcing the two-level CDF and the top-p full-sort fallback), and with the torch backend
+(forcing the two-level CDF, the top-p full-sort fallback and, for unseeded top-p rows without
+top-k or min-p, the top-p rejection draw and its own fallback), and with the torch backend
 (the path other devices take), on CPU tensors.
 """
 
@@ -239,7 +240,7 @@ def test_batched_filters_match_the_sort_and_scatter_reference(backend):
     be = sampler._backend_for(logits.device)
     x = logits.clone()
     arr = be.array(x)
-    sampler._top_k_top_p_rows(be, arr, top_k, top_p)
+    sampler._top_k_top_p_rows(be, arr, top_k, top_p, [False] * len(top_k))  # exact masks, none deferred
     got = torch.isfinite(torch.as_tensor(np.asarray(arr)) if not isinstance(arr, torch.Tensor) else arr)
     want = torch.isfinite(_top_k_top_p(logits.clone(), top_k, top_p))
     for row in range(len(top_k)):
@@ -261,3 +262,28 @@ def test_penalty_state_tracks_appended_tokens():
         assert st.output_counts.tolist() == np.bincount(seq.output_token_ids, minlength=16).tolist()
     assert seq.penalty_state(16) is st  # kept, not rebuilt
     assert make_seq(SamplingParams(presence_penalty=1.0), [1]).penalty_state(16).seen is None
+
+
+def test_flat_rows_are_drawn_by_rejection_from_their_nucleus():
+    """A flat distribution over 32K tokens (a random-weight model's) cannot settle its top-p
+    cut among the 1,024 candidates: such unseeded rows are deferred, not sorted, and drawn by
+    rejection. Each draw lies in the exact nucleus (the sort-and-scatter reference), and the
+    draws cover it as a distribution restricted to the nucleus would (mean probability)."""
+    vocab, rows = 32768, 64
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(rows, vocab, generator=gen) * 0.5
+    be = sampler._NumpyBackend()
+    top_p = [0.9] * rows
+    _, deferred = be.nucleus_cutoff(logits.numpy().copy(), [vocab] * rows, top_p, [True] * rows)
+    assert deferred == list(range(rows)), "flat rows should be deferred to the rejection draw"
+    nucleus = torch.isfinite(_top_k_top_p(logits.clone(), [0] * rows, top_p))
+    seqs = [make_seq(SamplingParams(temperature=1.0, top_p=0.9), [1], rid=str(i)) for i in range(rows)]
+    inside = 0
+    for _ in range(20):
+        res = sample(logits.clone(), seqs)
+        inside += sum(bool(nucleus[r, t]) for r, t in enumerate(res.token_ids))
+    assert inside == 20 * rows, "a draw fell outside its row's nucleus"
+    # ~10% of the mass lies outside each nucleus: a draw that skipped the test would have
+    # landed outside ~128 times above.
+    probs = torch.softmax(logits.double(), dim=-1)
+    assert 0.05 < float((probs * ~nucleus).sum(dim=-1).mean()) < 0.15

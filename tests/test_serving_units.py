@@ -122,7 +122,8 @@ def test_request_validation_errors_name_the_param(body, param):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"best_of": 3}, "best_of"), ({"n": 2, "best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
+    ({"n": 2, "best_of": 1}, "best_of"), ({"best_of": 17}, "best_of"), ({"best_of": 3, "stream": True}, "best_of"),
+    ({"n": 0, "best_of": 3}, "n"), ({"suffix": "x"}, "suffix"),
     ({"logit_bias": {"1": 5}}, "logit_bias"), ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_unsupported_options_rejected_clearly(extra, param):

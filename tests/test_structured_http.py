@@ -112,6 +112,8 @@ BAD = [
     ("rf-not-object", {"response_format": "json"}, "response_format", None),
     ("rf-schema-missing", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format", "schema"),
+    ("rf-strict-not-bool", {"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": 1}}},
+     "response_format", "strict"),
     ("rf-unsupported-keyword", {"response_format": _json_schema_format({"not": {"type": "string"}})},
      "response_format", "not"),
     ("rf-look-around", {"response_format": _json_schema_format({"type": "string", "pattern": "(?=a)b"})},
@@ -195,10 +197,36 @@ def test_named_tool_choice_always_parses_streamed_equals_non_streamed(live_serve
     assert streamed == whole  # same seed, same tokens: the same calls either way
 
 
-def test_required_tool_choice_picks_a_declared_function(live_server):
+def test_forced_tool_calls_with_n_choices(live_server):
+    """Each choice gets its own grammar in the engine and its own parser in the Router."""
     client = _client(live_server)
-    for seed, parallel in [(4, False), (5, True), (6, True)]:
-        r = client.chat.completions.create(model=live_server.model, messages=USER, tools=[WEATHER, TIME],
+    kwargs = dict(model=live_server.model, messages=USER, tools=[TIME], tool_choice="required", n=3,
+                  parallel_tool_calls=False, max_tokens=60, temperature=1.0, seed=9)
+    r = client.chat.completions.create(**kwargs)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        _assert_valid_call(choice.message.tool_calls[0], names=("get_time",))
+    finishes: dict[int, str] = {}
+    calls: dict[int, list] = {}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+            for d in choice.delta.tool_calls or ():
+                calls.setdefault(choice.index, []).append((d.function.name, json.loads(d.function.arguments)))
+    assert finishes == {0: "tool_calls", 1: "tool_calls", 2: "tool_calls"}
+    assert calls == {i: [(c.message.tool_calls[0].function.name, json.loads(c.message.tool_calls[0].function.arguments))]
+                     for i, c in enumerate(r.choices)}
+
+
+def test_required_tool_choice_picks_a_declared_function(live_server):
+    """Parallel calls are not bounded in number (as OpenAI's), and the random model keeps adding
+    them about 3 times in 4 after each call: one parallel row offers only the short get_time,
+    whose calls fit many times into max_tokens."""
+    client = _client(live_server)
+    for seed, parallel, tools in [(4, False, [WEATHER, TIME]), (5, True, [TIME, WEATHER]), (6, True, [TIME])]:
+        r = client.chat.completions.create(model=live_server.model, messages=USER, tools=tools,
                                            tool_choice="required", parallel_tool_calls=parallel, max_tokens=260,
                                            temperature=1.0, seed=seed)
         calls = r.choices[0].message.tool_calls

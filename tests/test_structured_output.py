@@ -176,3 +176,16 @@ def test_hf_tokenizer_models_are_constrained_too(tiny_llama31_dir):
                                            structured_output=S.json_schema(schema)))[0].outputs[0]
     assert out.finish_reason == "stop"
     jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_n_choices_each_follow_the_schema(llm):
+    """n > 1: every choice gets its own grammar state (copies advance independently)."""
+    schema = SCHEMAS["array_of_enums"]
+    out = llm.generate("x", SamplingParams(max_tokens=60, temperature=1.0, seed=11, n=4,
+                                           structured_output=S.json_schema(schema)))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    texts = [c.text for c in out.outputs]
+    for c in out.outputs:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.text), schema)
+    assert len(set(texts)) > 1, texts

@@ -177,7 +177,10 @@ def _sample_rows(be, x, seqs: list[Sequence]):
     params = [s.params for s in seqs]
     vocab = x.shape[1]
     x = be.div_(x, be.column([p.temperature for p in params]))
-    _top_k_top_p_rows(be, x, [p.top_k for p in params], [p.top_p for p in params])
+    # Unseeded top-p rows without top-k or min-p may be drawn by rejection (``nucleus_draw``)
+    # where their nucleus is too wide to find among the candidates.
+    rejectable = [s.generator is None and p.min_p == 0 and not 0 < p.top_k < vocab for s, p in zip(seqs, params)]
+    deferred = _top_k_top_p_rows(be, x, [p.top_k for p in params], [p.top_p for p in params], rejectable)
     probs = be.softmax_(x, normalise=False)  # the draws below are scale-free per row
     mp_rows = [j for j, p in enumerate(params) if p.min_p > 0]
     if mp_rows:
@@ -188,7 +191,15 @@ def _sample_rows(be, x, seqs: list[Sequence]):
 
     seeded = [j for j, s in enumerate(seqs) if s.generator is not None]
     if not seeded:
-        return be.inverse_cdf(probs)
+        if not deferred:
+            return be.inverse_cdf(probs)
+        chosen = be.zeros_long(len(seqs))
+        idx = be.index(deferred)
+        chosen[idx] = be.nucleus_draw(x[idx], probs[idx], [params[j].top_p for j in deferred])
+        rest = be.index([j for j in range(len(seqs)) if j not in set(deferred)])
+        if len(rest):
+            chosen[rest] = be.inverse_cdf(probs[rest])
+        return chosen
     # E = -log(1 - U) with U ~ U[0, 1) from the request's own generator: torch.rand is ~10x
     # cheaper per value than exponential_ on the CPU, and the log runs vectorised once.
     uniform = torch.empty(len(seeded), vocab)
@@ -205,8 +216,10 @@ def _sample_rows(be, x, seqs: list[Sequence]):
     return chosen
 
 
-def _top_k_top_p_rows(be, x, top_k: list[int], top_p: list[float]) -> None:
-    """Mask to -inf, in place, everything outside each row's top-k and top-p nucleus."""
+def _top_k_top_p_rows(be, x, top_k: list[int], top_p: list[float], rejectable: list[bool]) -> list[int]:
+    """Mask to -inf, in place, everything outside each row's top-k and top-p nucleus. Rows
+    marked ``rejectable`` whose nucleus the backend could not settle cheaply are left unmasked
+    and returned: the caller draws them by rejection."""
     vocab = x.shape[1]
     p_rows = [j for j, p in enumerate(top_p) if p < 1.0]
     k_rows = [j for j, k in enumerate(top_k) if 0 < k < vocab and top_p[j] >= 1.0]
@@ -221,8 +234,10 @@ def _top_k_top_p_rows(be, x, top_k: list[int], top_p: list[float]) -> None:
         idx = be.index(p_rows)
         sub = x if len(p_rows) == x.shape[0] else x[idx]
         ks = [top_k[j] if top_k[j] > 0 else vocab for j in p_rows]
-        cut = be.nucleus_cutoff(sub, ks, [top_p[j] for j in p_rows])[:, None]
-        _mask_below(be, x, idx, len(p_rows), sub, cut)
+        cut, deferred = be.nucleus_cutoff(sub, ks, [top_p[j] for j in p_rows], [rejectable[j] for j in p_rows])
+        _mask_below(be, x, idx, len(p_rows), sub, cut[:, None])
+        return [p_rows[i] for i in deferred]
+    return []
 
 
 def _mask_below(be, x, idx, n_rows: int, sub, cut) -> None:
@@ -365,11 +380,13 @@ class _NumpyBackend:
 
     _NUCLEUS_CANDIDATES = 1024
 
-    def nucleus_cutoff(self, sub: np.ndarray, ks: list[int], ps: list[float]) -> np.ndarray:
+    def nucleus_cutoff(self, sub: np.ndarray, ks: list[int], ps: list[float],
+                       deferrable: list[bool]) -> tuple[np.ndarray, list[int]]:
         """As ``_nucleus_cutoff_sorted`` but from the top 1024 candidates of a partial
         selection (O(V), no sort of the vocabulary); rows whose nucleus is not settled
         within the candidates (top-k beyond them, or a flat distribution) fall back to the
-        full sort. Each row's answer is the same whichever path the batch takes."""
+        full sort, except ``deferrable`` ones: they get no cut (-inf) and are returned, for
+        ``nucleus_draw``. Each row's cut is the same whichever path the batch takes."""
         n, vocab = sub.shape
         c = min(self._NUCLEUS_CANDIDATES, vocab)
         top = self.top_values(sub, c)  # [n, c] descending
@@ -387,10 +404,43 @@ class _NumpyBackend:
         # settled: the cut lies inside the candidates and the normaliser was exact
         settled = (kk[:, 0] <= c) | ((kk[:, 0] >= vocab) & (n_keep < c))
         cut = top[np.arange(n), np.minimum(n_keep, c) - 1]
-        if not settled.all():
-            rest = np.flatnonzero(~settled)
+        unsettled = np.flatnonzero(~settled)
+        deferred = [int(i) for i in unsettled if deferrable[i]]
+        rest = [int(i) for i in unsettled if not deferrable[i]]
+        if rest:
             cut[rest] = _nucleus_cutoff_sorted(self, sub[rest], [ks[i] for i in rest], [ps[i] for i in rest])
-        return cut
+        cut[deferred] = -np.inf
+        return cut, deferred
+
+    _REJECTION_ROUNDS = 8
+
+    def nucleus_draw(self, x: np.ndarray, probs: np.ndarray, ps: list[float]) -> np.ndarray:
+        """One draw per row from the top-p nucleus of ``probs`` (``exp`` of the logits ``x``,
+        unnormalised, nothing masked), by rejection: draw from the whole row, keep the token
+        if the tokens strictly more likely than it hold less than p of the mass (the nucleus
+        of ``_nucleus_cutoff_sorted``, up to ties), else draw again. Kept draws follow the row's
+        distribution restricted to its nucleus; the nucleus holds at least p of the mass, so a
+        row needs at most 1/p rounds on average (1.05 at p = 0.95), each O(V), where finding a
+        flat row's cut needs a sort of the vocabulary (FlashInfer samples top-p by rejection
+        too). Rows still rejected after ``_REJECTION_ROUNDS`` take the sort."""
+        n = probs.shape[0]
+        limit = np.asarray(ps, dtype=np.float64) * probs.sum(axis=-1, dtype=np.float64)
+        out = np.zeros(n, dtype=np.int64)
+        todo = np.arange(n)
+        for _ in range(self._REJECTION_ROUNDS):
+            sub = probs[todo]
+            tok = self.inverse_cdf(sub)
+            p_tok = sub[np.arange(len(todo)), tok]
+            better = np.where(sub > p_tok[:, None], sub, 0.0).sum(axis=-1, dtype=np.float64)
+            kept = better < limit[todo]
+            out[todo[kept]] = tok[kept]
+            todo = todo[~kept]
+            if not todo.size:
+                return out
+        sub = x[todo]
+        cut = _nucleus_cutoff_sorted(self, sub, [sub.shape[1]] * len(todo), [ps[i] for i in todo])
+        out[todo] = self.inverse_cdf(np.where(sub < cut[:, None], 0.0, probs[todo]))
+        return out
 
     @staticmethod
     def logsumexp(x: np.ndarray) -> np.ndarray:
@@ -529,8 +579,10 @@ class _TorchBackend:
     def exponential_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         return (-torch.log1p(-u)).clamp_(min=1e-30).to(self.device, non_blocking=True)
 
-    def nucleus_cutoff(self, sub: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
-        return _nucleus_cutoff_sorted(self, sub, ks, ps)
+    def nucleus_cutoff(self, sub: torch.Tensor, ks: list[int], ps: list[float],
+                       deferrable: list[bool]) -> tuple[torch.Tensor, list[int]]:
+        """The exact cut of every row (one device sort); nothing is deferred."""
+        return _nucleus_cutoff_sorted(self, sub, ks, ps), []
 
     @staticmethod
     def logsumexp(x: torch.Tensor) -> torch.Tensor:

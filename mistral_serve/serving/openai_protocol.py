@@ -3,8 +3,10 @@
 Decisions where the API leaves room (docs/serving.md):
 - ``prompt``: a string, a list of token ids, or a list holding exactly one of those. Batches of
   several prompts are rejected with 400 (send separate requests), as are ``suffix``,
-  ``logit_bias``, ``best_of`` other than n, and ``echo`` on chat.
+  ``logit_bias`` and ``echo`` on chat.
 - ``n`` in [1, 16] (``SamplingParams.MAX_N``): n sequences of one prompt in the engine.
+  ``best_of`` in [n, 16] (completions, not streamed): best_of sequences, the n with the highest
+  cumulative logprob returned.
   ``echo`` (completions) returns the prompt before the completion; with ``logprobs`` also the
   prompt tokens' logprobs (the first one null), computed in the prefill.
 - vLLM's extra sampling fields are accepted: ``top_k``, ``min_p``, ``repetition_penalty``,
@@ -66,6 +68,11 @@ class _SamplingFields(BaseModel):
     guided_choice: Any | None = None
     guided_grammar: Any | None = None
 
+    @property
+    def num_sequences(self) -> int:
+        """The engine sequences this request samples (``n``; completions' ``best_of`` may ask more)."""
+        return 1 if self.n is None else self.n
+
     def _common_checks(self) -> None:
         if self.logit_bias:
             raise _bad("logit_bias is not supported.", "logit_bias")
@@ -75,7 +82,7 @@ class _SamplingFields(BaseModel):
     def sampling_params(self, max_tokens: int, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         kwargs: dict[str, Any] = {
-            "n": 1 if self.n is None else self.n,
+            "n": self.num_sequences,
             "prompt_logprobs": prompt_logprobs,
             "max_tokens": max_tokens,
             "temperature": 1.0 if self.temperature is None else self.temperature,
@@ -117,10 +124,26 @@ class CompletionRequest(_SamplingFields):
         self._common_checks()
         n = 1 if self.n is None else self.n
         if self.best_of is not None and self.best_of != n:
-            raise _bad(f"best_of must equal n ({n}) here: sampling more sequences than are returned is not "
-                       "supported.", "best_of")
+            if not 1 <= n <= SamplingParams.MAX_N:  # before best_of replaces it as the engine's n
+                raise _bad(f"n must be in [1, {SamplingParams.MAX_N}], got {n}.", "n")
+            if not n <= self.best_of <= SamplingParams.MAX_N:
+                raise _bad(f"best_of must be in [n, {SamplingParams.MAX_N}] (n is {n}), got {self.best_of}.",
+                           "best_of")
+            if self.stream:
+                raise _bad("best_of > n cannot be streamed: the best n are known only at the end.", "best_of")
         if self.suffix:
             raise _bad("suffix is not supported.", "suffix")
+
+    @property
+    def num_sequences(self) -> int:
+        n = 1 if self.n is None else self.n
+        return max(n, self.best_of or n)
+
+    @property
+    def ranked(self) -> int | None:
+        """best_of > n: how many of the sampled sequences are returned (the n best), else None."""
+        n = 1 if self.n is None else self.n
+        return n if self.num_sequences > n else None
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -279,6 +302,13 @@ def chat_response(rid: str, model: str, created: int, text: str, finish: str | N
                      "finish_reason": finish}],
         "usage": usage,
     }
+
+
+def best_choices(entries: list[list], keep: int) -> list[int]:
+    """best_of: the indexes of the ``keep`` choices with the highest cumulative logprob (of
+    their (token, logprob, top) entries; the model's raw distribution), best first."""
+    score = [sum(lp for _, lp, _ in choice if lp is not None) for choice in entries]
+    return sorted(range(len(entries)), key=lambda i: -score[i])[:keep]
 
 
 def with_choices(responses: list[dict]) -> dict:

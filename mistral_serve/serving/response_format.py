@@ -71,6 +71,8 @@ def _from_response_format(rf: Any) -> StructuredOutputSpec | None:
         name = js.get("name")
         if name is not None and not isinstance(name, str):
             raise _bad("response_format.json_schema.name must be a string.", "response_format")
+        if js.get("strict") is not None and not isinstance(js["strict"], bool):
+            raise _bad("response_format.json_schema.strict must be a boolean.", "response_format")
         return _schema(js["schema"], "response_format")
     raise _bad(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}.",
                "response_format")

@@ -43,6 +43,7 @@ from mistral_serve.serving.openai_protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    best_choices,
     chat_chunk,
     chat_logprobs,
     chat_response,
@@ -378,8 +379,12 @@ class Router:
                                                 self.adm.soft_max_context_tokens, self.adm.soft_context_policy, param)
             if warning and self.metrics:
                 self.metrics.soft_context_exceeded(tenant, "warn")
+            # best_of > n ranks the sequences by cumulative logprob: the engine reports the chosen
+            # tokens' logprobs even when the client did not ask (the response then omits them).
+            ranked = None if chat else req.ranked
             # echo + logprobs: the prompt tokens' logprobs too, computed in the prefill
-            params = req.sampling_params(max_tokens, logprobs, logprobs if echo is not None else None)
+            params = req.sampling_params(max_tokens, 0 if ranked and logprobs is None else logprobs,
+                                         logprobs if echo is not None else None)
             if validation.bad_token_ids(params.stop_token_ids, self.vocab_size):
                 raise AdmissionError(400, validation.stop_ids_message(self.vocab_size), reason="invalid_request",
                                      param="stop_token_ids")
@@ -404,7 +409,8 @@ class Router:
                 ticket.prompt_log = redact(self.tokenizer.decode(ids, skip_special_tokens=False))
                 ticket.completion_log = []
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            response = await self._run(gen_req, ticket, chat, bool(req.stream), include_usage, t0, echo, tools)
+            response = await self._run(gen_req, ticket, chat, bool(req.stream), include_usage, t0, echo, tools,
+                                       (ranked, logprobs is not None) if ranked else None)
             if warning:
                 response.headers["x-context-warning"] = warning
             return response
@@ -503,7 +509,9 @@ class Router:
         task.add_done_callback(self._background.discard)
 
     async def _run(self, gen_req: GenerateRequest, ticket: _Ticket, chat: bool, stream: bool, include_usage: bool,
-                   t0: float, echo: str | None = None, tools: ToolContext | None = None) -> Response:
+                   t0: float, echo: str | None = None, tools: ToolContext | None = None,
+                   best_of: tuple[int, bool] | None = None) -> Response:
+        """``best_of``: (choices to return, the client asked for logprobs) when best_of > n."""
         deadline = t0 + self.adm.request_timeout_s
         start_deadline = min(deadline, time.monotonic() + self.adm.queue_timeout_s)
         for attempt in range(1, START_ATTEMPTS + 1):
@@ -563,6 +571,10 @@ class Router:
         ticket.finished = True
         usage = usage_dict(ticket.prompt_tokens, ticket.generated, ticket.cost_usd, ticket.cached_tokens)
         want_lp = gen_req.sampling.logprobs is not None
+        if best_of is not None:  # the n best of the sampled sequences, best first
+            keep, want_lp = best_of
+            order = best_choices(lps, keep)
+            texts, lps, finish, n = [texts[i] for i in order], [lps[i] for i in order], [finish[i] for i in order], keep
         if chat:
             out = with_choices([chat_response(rid, self.model_name, created, "".join(texts[i]), finish[i],
                                               chat_logprobs(lps[i]) if want_lp else None, usage) for i in range(n)])

@@ -32,7 +32,7 @@ import json
 import re
 import secrets
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mistral_serve.engine.structured_output import StructuredOutputSpec
@@ -87,7 +87,7 @@ class ToolContext:
     parallel: bool
     mistral: bool
     eos_texts: tuple[str, ...]
-    forced: StructuredOutputSpec | None = field(default=None)
+    forced: StructuredOutputSpec | None = None  # the grammar of a call tool_choice forces
 
     @property
     def marker(self) -> str:
@@ -309,7 +309,9 @@ def _forced_spec(ctx: ToolContext, tokenizer: Tokenizer) -> StructuredOutputSpec
         if not ctx.parallel or ctx.named:
             schema["maxItems"] = 1
         schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-        return StructuredOutputSpec.grammar(f"start: <[{marker}]> calls\ncalls: %json {json.dumps(schema)}\n")
+        # The optional space: mistral-common encodes calls as "[TOOL_CALLS] [{...", so the model's
+        # likeliest next token is "▁[" (space-prefixed); the grammar lets it keep that choice.
+        return StructuredOutputSpec.grammar(f'start: <[{marker}]> " "? calls\ncalls: %json {json.dumps(schema)}\n')
     items = [_call_schema(fn, "parameters") for fn in fns]
     return StructuredOutputSpec.json_schema(items[0] if len(items) == 1 else {"anyOf": items})
 
