@@ -125,11 +125,6 @@ class HFTokenizer(Tokenizer):
         out = self._tok.apply_chat_template(messages, tools=tools or None, tokenize=True, add_generation_prompt=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
-    def special_token_id(self, text: str) -> int | None:
-        """The id of an added special token such as ``<|python_tag|>``, or None."""
-        tid = self._tok.convert_tokens_to_ids(text)
-        return None if tid is None or tid == self._tok.unk_token_id else tid
-
     def grammar_tokenizer(self, vocab_size: int, eos_token_ids: list[int]):
         from llguidance.hf import from_tokenizer
 
