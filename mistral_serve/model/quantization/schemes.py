@@ -33,16 +33,22 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the int4 kernels accept
 
 
 @dataclass
-class Int8Weight:
-    q: torch.Tensor  # int8 [N, K]
-    scale: torch.Tensor  # float32 [N]
+class _PerChannelWeight:
+    """Quantized values [N, K] with one float32 scale per output channel [N]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale[:, None]
 
-    @staticmethod
-    def cat(parts: list[Int8Weight]) -> Int8Weight:
-        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+    @classmethod
+    def cat(cls, parts: list) -> _PerChannelWeight:
+        return cls(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+
+class Int8Weight(_PerChannelWeight):
+    """int8 values, symmetric."""
 
 
 @dataclass
@@ -81,17 +87,8 @@ class Int4Weight:
                           torch.cat([p.scale for p in parts]), first.group_size, first.perm)
 
 
-@dataclass
-class Fp8Weight:
-    q: torch.Tensor  # float8_e4m3fn [N, K]
-    scale: torch.Tensor  # float32 [N]
-
-    def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale[:, None]
-
-    @staticmethod
-    def cat(parts: list[Fp8Weight]) -> Fp8Weight:
-        return Fp8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+class Fp8Weight(_PerChannelWeight):
+    """float8_e4m3fn values."""
 
 
 QuantizedWeight = Int8Weight | Int4Weight | Fp8Weight
