@@ -209,7 +209,10 @@ def test_replica_messages_for_n_and_prompt_logprobs(tiny_model_dir):
     from mistral_serve.serving.replica import LLMReplica
     from mistral_serve.serving.wire import Delta, Final, GenerateRequest
 
-    args = {"model": str(tiny_model_dir), "engine": {"device": "cpu", "max_num_seqs": 8, "num_threads": 1,
+    # served as "tiny": this in-process replica's metrics reach the session's Ray cluster too, whose
+    # labels tests/test_security.py checks
+    args = {"model": str(tiny_model_dir), "served_model_name": "tiny",
+            "engine": {"device": "cpu", "max_num_seqs": 8, "num_threads": 1,
                                                    "kv_cache_memory_bytes": 32 << 20, "max_model_len": 256},
             "replicas": {"stream_interval_ms": 10}}
     prompt = [1, 1500, 1600, 1700]

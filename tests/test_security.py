@@ -197,7 +197,8 @@ def test_a_tenant_sees_only_its_own_usage(live_server):
     usage = a.json()["usage"]
     assert usage["completion_tokens"] == 3 and float(a.headers["x-request-cost-usd"]) == pytest.approx(
         usage["cost_usd"], rel=1e-6, abs=1e-12)
-    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "cost_usd"}
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "cost_usd"}
+    assert set(usage["prompt_tokens_details"]) == {"cached_tokens"}
     # gamma's over-budget request (refused, consumes nothing) tells gamma about gamma only
     g = _post(live_server.base_url, "/v1/completions", {"model": m, "prompt": "x", "max_tokens": 420}, key=gamma)
     assert g.status_code == 429
