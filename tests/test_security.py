@@ -244,7 +244,7 @@ def test_metric_labels_come_only_from_configuration(live_server):
     assert m in labels["model_name"] and labels["model_name"] <= {m, autoscale_model}, labels["model_name"]
     assert labels["reason"] <= set(REASONS)
     assert all(re.fullmatch(r"[1-5]\d\d", s) for s in labels.get("status_code", ())), labels.get("status_code")
-    assert labels.get("kind", set()) <= {"prompt", "generation"}
+    assert labels.get("kind", set()) <= {"prompt", "generation", "cached_prompt"}
     assert labels.get("finished_reason", set()) <= {"stop", "length", "abort"}
 
 
