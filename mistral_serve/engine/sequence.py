@@ -99,7 +99,6 @@ class Sequence:
         # computed so far, how many of its blocks are registered, the salt that separates
         # chains (e.g. per tenant), and the prompt tokens served from the cache at admission.
         self.cache_salt = cache_salt
-        self.cacheable = not params.needs_all_prompt_positions
         self.block_hashes: list[bytes] = []
         self.num_hashed_blocks = 0
         self.num_cached_tokens = 0
@@ -115,6 +114,12 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.prompt_len
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the prefix cache may serve and register this sequence's blocks: not when its
+        prompt logprobs need every prompt position computed."""
+        return not self.params.needs_all_prompt_positions
 
     @property
     def is_finished(self) -> bool:
