@@ -16,14 +16,13 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 from load_tests.client import RequestRecord, send_request
 from load_tests.stats import percentiles
 from mistral_serve.bench.measure import cpu_model
-from mistral_serve.bench.serve import _stop, _wait_http
+from mistral_serve.bench.serve import _stop, start_ours
 from mistral_serve.bench.workload import multi_turn_workload
 
 
@@ -63,15 +62,10 @@ def summarize_turns(records: list[RequestRecord]) -> dict:
 
 
 def _start(port: int, routing: bool, max_model_len: int, log: Path):
-    import subprocess
-
     # Two engines on the machine's cores: one torch thread and a fractional Ray CPU each.
     args = json.dumps({"replicas": {"prefix_cache_routing": routing}, "engine": {"num_threads": 1}})
-    cmd = [sys.executable, "-m", "mistral_serve.cli", "serve", "--port", str(port), "--replicas", "2", "--num-cpus", "0.5",
-           "--max-model-len", str(max_model_len), "--metrics-port", "0", "--args", args]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    _wait_http(f"http://127.0.0.1:{port}/ready", 300, proc, b'"status":"ready"')
-    return proc
+    return start_ours(port, log, ["--replicas", "2", "--num-cpus", "0.5", "--max-model-len", str(max_model_len),
+                                  "--metrics-port", "0", "--args", args])
 
 
 def main(argv: list[str]) -> int:

@@ -226,8 +226,9 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _start_ours(port: int, max_num_seqs: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mistral_serve.cli", "serve", "--port", str(port), "--max-num-seqs", str(max_num_seqs)]
+def start_ours(port: int, log: Path, flags: list[str]) -> subprocess.Popen:
+    """``mistral-serve serve --port PORT FLAGS...`` in a subprocess, once it reports ready."""
+    cmd = [sys.executable, "-m", "mistral_serve.cli", "serve", "--port", str(port), *flags]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     _wait_http(f"http://127.0.0.1:{port}/ready", 300, proc, b'"status":"ready"')
     return proc
@@ -301,7 +302,7 @@ def main(argv: list[str]) -> int:
         if not a.vllm_python:
             p.error("--side-by-side needs --vllm-python")
         url = f"http://127.0.0.1:{a.port}"
-        proc = _start_ours(a.port, a.max_num_seqs, out_dir / "bench-serve-ours.log")
+        proc = start_ours(a.port, out_dir / "bench-serve-ours.log", ["--max-num-seqs", str(a.max_num_seqs)])
         try:
             report["mistral_serve"] = bench_server(url, "tiny", tokenizer_dir, scenarios, a.seed, vllm_bin, out_dir,
                                                    measure_cpu=True)
