@@ -10,9 +10,12 @@ the relative RMS weight error e_w of each scheme:
 - fp8 E4M3 weights (3 mantissa bits, relative step 2^-3 .. 2^-4) -> e_w ~ 0.036
   (on CPU FP8 has no kernel and is dequantized at load: weights only, no activation FP8)
 
-Every token passes 16 quantized projections (4 layers x qkv, o, gate/up, down); independent
-errors add in quadrature, so the logits' relative RMS error (centred) is bounded by
-rho = sqrt(16) e_w = 4 e_w. For a small logit perturbation delta, KL(p || q) ~ Var_p(delta) / 2,
+Every quantized model also holds its input embedding table in int8 per row (unless tied to
+the lm_head), e_emb ~ 0.007 for the tiny model's rows of 256 (max|row| ~ 2.9 sigma), bounded
+by int8's 0.008. A token's embedding row enters the residual stream once, then the token passes
+16 quantized projections (4 layers x qkv, o, gate/up, down); independent errors add in
+quadrature, so the logits' relative RMS error (centred) is bounded by
+rho = sqrt(16 e_w^2 + e_emb^2) (int4: 0.4001, the embedding's share is negligible). For a small logit perturbation delta, KL(p || q) ~ Var_p(delta) / 2,
 so with the float32 logits' spread sigma_l the mean KL is bounded by (rho sigma_l)^2 / 2. Top-1
 can only flip where the float32 margin is within the noise, so top-1 must agree (>= 95%) at
 positions whose margin exceeds 3 sqrt(2) rho sigma_l (3 sigma of the difference of two logit
@@ -44,7 +47,8 @@ from mistral_serve.model.cpu_linear import PackedLinear, PackedSiluGateUp
 from mistral_serve.model.loader import load_model
 from mistral_serve.model.quantization import awq, gptq
 from mistral_serve.model.quantization.config import QuantizationConfigError, resolve_quantization
-from mistral_serve.model.quantization.footprint import weight_bytes
+from mistral_serve.model.quantization.embedding import Int8Embedding
+from mistral_serve.model.quantization.footprint import embedding_bytes, weight_bytes
 from mistral_serve.model.quantization.linear import (
     Fp8Linear,
     Int4Linear,
@@ -67,10 +71,11 @@ from mistral_serve.model.tiny import random_weights, tiny_config
 CPU = torch.device("cpu")
 E_W = {"int8": 0.008, "int4": 0.10, "fp8": 0.036, "awq": 0.10, "gptq": 0.10, "gptq-act": 0.10}
 PATH_PROJECTIONS = 16  # 4 layers x (qkv, o, gate/up, down)
+E_EMBEDDING = E_W["int8"]  # the int8 per-row input embedding of every quantized (untied) model
 
 
 def rho_bound(scheme: str) -> float:
-    return math.sqrt(PATH_PROJECTIONS) * E_W[scheme]
+    return math.sqrt(PATH_PROJECTIONS * E_W[scheme] ** 2 + E_EMBEDDING**2)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -137,6 +142,10 @@ def test_kernels_run_on_an_avx2_only_cpu():
         "for q, layer in ((quantize_int8(w), Int8Linear), (quantize_int4(w), Int4Linear)):\n"
         "    ref = x.bfloat16().float() @ q.dequantize().T\n"
         "    torch.testing.assert_close(layer(q, cpu)(x), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)\n"
+        "from mistral_serve.model.quantization.embedding import Int8Embedding\n"
+        "ids = torch.tensor([3, 0, 255, 3])\n"
+        "emb = Int8Embedding.from_float(w, cpu, torch.bfloat16)\n"
+        "assert torch.equal(emb(ids), quantize_int8(w).dequantize()[ids].bfloat16())\n"
         "print('ok')\n"
     )
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
@@ -223,6 +232,30 @@ def test_fp8_rounding_is_within_half_an_e4m3_step(tiny_weights):
     assert (q.dequantize() - w).pow(2).mean().sqrt() / w.std() < 1.25 * E_W["fp8"]
 
 
+def test_int8_embedding_error_against_the_float_table(tiny_weights):
+    """The quantized input table vs the float one: every element within half a step (its row's
+    scale), RMS error = step / sqrt(12) within 10% overall and within 25% in every row (256
+    uniform errors: ~3% spread per row, the worst of 32768 rows ~4 of those), relative RMS
+    error under E_EMBEDDING; the lookup returns exactly the dequantized rows, in the model
+    dtype, for ids of any shape."""
+    w = tiny_weights["model.embed_tokens.weight"]
+    emb = Int8Embedding.from_float(w, CPU, torch.float32)
+    assert emb.qweight.dtype == torch.int8 and emb.scales.dtype == torch.bfloat16
+    rows = emb(torch.arange(w.shape[0]))
+    assert torch.equal(rows, quantize_int8(w).dequantize())
+    err = rows - w
+    step = emb.scales.float()[:, None].expand_as(w)
+    assert (err.abs() <= step / 2 * (1 + 1e-5)).all()
+    assert abs(err.pow(2).mean().sqrt() / (step.pow(2).mean() / 12).sqrt() - 1) < 0.1
+    assert err.pow(2).mean().sqrt() / w.std() < E_EMBEDDING
+    row_rms = err.pow(2).mean(dim=1).sqrt()
+    assert ((row_rms / (emb.scales.float() / math.sqrt(12)) - 1).abs() < 0.25).all()
+    ids = torch.tensor([[5, w.shape[0] - 1, 0], [5, 7, 7]])
+    assert torch.equal(emb(ids), rows[ids])
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(Int8Embedding.from_float(w, CPU, dtype)(ids), rows[ids].to(dtype))
+
+
 # ----------------------------------------------------------------------------- model logits
 @pytest.mark.parametrize("scheme", ["int8", "int4", "fp8", "awq", "gptq", "gptq-act"])
 def test_logits_stay_close_to_float32(tiny_model_dir, quantized_dirs, logit_prompts, float_logits, scheme):
@@ -265,10 +298,11 @@ def test_quantized_projections_bypass_onednn_packing(tiny_model_dir):
         assert isinstance(layer.mlp.gate_up_proj, QuantizedSiluGateUp)
         assert isinstance(layer.mlp.down_proj, Int4Linear)
     assert isinstance(model.lm_head, PackedLinear)
-    # No float copy of any projection survives: the only float matrices are embeddings and lm_head.
+    assert isinstance(model.embed_tokens, Int8Embedding)
+    # No float copy of any projection or of the input table survives: the only float matrix is lm_head.
     floats = {n for n, t in [*model.named_parameters(), *model.named_buffers()]
               if t.dtype == torch.float32 and t.dim() == 2}
-    assert all(n.startswith(("embed_tokens", "lm_head", "rope")) for n in floats), floats
+    assert all(n.startswith(("lm_head", "rope")) for n in floats), floats
 
 
 def test_no_kernel_on_the_device_dequantizes_at_load_with_a_warning(tiny_model_dir, monkeypatch, caplog):
@@ -540,6 +574,12 @@ def test_malformed_checkpoints_fail_at_load_with_the_reason(tiny_model_dir, quan
     bad = _copy_with(quantized_dirs["awq"], tmp_path / "shapes", tensors=tensors)
     with pytest.raises(ValueError, match="AWQ shapes do not agree for group_size 128"):
         LLM(str(bad))
+    # A quantized load of a checkpoint without its input embedding.
+    tensors = load_file(str(quantized_dirs["awq"] / "model.safetensors"))
+    del tensors["model.embed_tokens.weight"]
+    bad = _copy_with(quantized_dirs["awq"], tmp_path / "no-embed", tensors=tensors)
+    with pytest.raises(ValueError, match="checkpoint lacks model.embed_tokens.weight"):
+        LLM(str(bad))
     # A g_idx that is not an act-order layout (group 0 gets every row).
     tensors = load_file(str(quantized_dirs["gptq-act"] / "model.safetensors"))
     tensors["model.layers.0.self_attn.o_proj.g_idx"] = torch.zeros(256, dtype=torch.int32)
@@ -554,15 +594,62 @@ def test_plan_int4_mistral_7b_weights_kv_and_decode_floor():
     bf16 = plan(cfg, "m", GPUS["L4-24GB"], 2, 8192)
     int4 = plan(cfg, "m", GPUS["L4-24GB"], 2, 8192, quantization="int4")
     assert int4.quantization == "int4" and bf16.quantization == "none"
-    # 4-bit projections + a bf16 scale and zero per 128 weights; embeddings and lm_head bf16.
+    # 4-bit projections + a bf16 scale and zero per 128 weights; the input embedding int8 + a
+    # bf16 scale per row; lm_head and norms bf16.
     proj = 32 * (4096 * 6144 + 4096 * 4096 + 2 * 14336 * 4096 + 4096 * 14336)
-    expected = proj // 2 + proj // 128 * 4 + (cfg.num_parameters() - proj) * 2
-    assert int4.weight_bytes == expected == weight_bytes(cfg, "int4", 2)
-    assert int4.weight_bytes <= 4.2 * 1024**3  # the issue's target, in the GiB plan prints
+    table = 32768 * 4096
+    expected = proj // 2 + proj // 128 * 4 + table + 32768 * 2 + (cfg.num_parameters() - proj - table) * 2
+    assert int4.weight_bytes == expected == weight_bytes(cfg, "int4", 2) == 4_111_015_936
+    assert int4.weight_bytes <= 4.2e9  # the issue's target, in decimal GB (plan prints 3.83 GiB)
+    assert embedding_bytes(cfg, "int4", 2) == table + 32768 * 2 and embedding_bytes(cfg, "none", 2) == table * 2
+    # A decode step reads every weight but the input table (a lookup reads the batch's rows only).
+    from mistral_serve.bench import gpu
+
+    assert gpu.weight_bytes_per_decode_step(cfg, 2, "int4") == int4.weight_bytes - embedding_bytes(cfg, "int4", 2)
+    # A checkpoint's own group size counts: groups of 64 hold twice the scales and zeros.
+    g64 = ModelConfig.from_dict({**PRESETS["mistral-7b-v0.3"], "quantization_config": awq.quantization_config(64)})
+    assert weight_bytes(g64, "awq", 2) - int4.weight_bytes == proj // 128 * 4
     assert int4.kv_tokens > bf16.kv_tokens and int4.max_seqs > bf16.max_seqs
     assert int4.decode_floor_ms == pytest.approx(bf16.decode_floor_ms * int4.weight_bytes / bf16.weight_bytes)
     int8 = weight_bytes(cfg, "int8", 2)
     assert weight_bytes(cfg, "awq", 2) == int4.weight_bytes < int8 < weight_bytes(cfg, "none", 2)
+
+
+def _held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every weight the loaded model holds (a tied lm_head once), RoPE tables aside."""
+    tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith("rope.")]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("which", ["none", "int8", "int4", "awq", "gptq", "gptq-act"])
+def test_plan_counts_the_bytes_the_loaded_model_holds(tiny_model_dir, quantized_dirs, which):
+    """``plan``'s weight bytes are the loaded model's, buffer for buffer: int4 kernel packing,
+    bf16 scales and zeros, the int8 table, a checkpoint's group size and act-order permutations.
+    (FP8 is left out: on CPU it has no kernel and loads dequantized, see linear.py.)"""
+    path = quantized_dirs.get(which, tiny_model_dir)
+    cfg = ModelConfig.from_dir(path)
+    model = load_model(path, cfg, torch.float32, CPU, 64, quantization=which if which in ("int8", "int4") else "none")
+    assert model.quantization == which.split("-")[0]
+    assert _held_bytes(model) == weight_bytes(cfg, model.quantization, 4)
+
+
+def test_tied_embedding_stays_float_and_shared_with_the_head(tiny_model_dir, logit_prompts, tmp_path):
+    """A table tied to the lm_head is the head, which stays in the model dtype: a quantized
+    tied model keeps one float table, shared, and plan counts it once; its logits stay within
+    int4's bound of the float tied model's."""
+    tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    tied = _copy_with(tiny_model_dir, tmp_path / "tied", {"tie_word_embeddings": True}, tensors)
+    cfg = ModelConfig.from_dir(tied)
+    model = load_model(tied, cfg, torch.float32, CPU, 64, quantization="int4")
+    assert type(model.embed_tokens) is torch.nn.Embedding and model.lm_head.weight is model.embed_tokens.weight
+    assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)
+    assert embedding_bytes(cfg, "int4", 4) == cfg.vocab_size * cfg.hidden_size * 4
+    assert _held_bytes(model) == weight_bytes(cfg, "int4", 4)
+    ref = prefill_logits(LLM(str(tied)), logit_prompts)
+    logits = prefill_logits(LLM(str(tied), quantization="int4"), logit_prompts)
+    rho = (logits - ref).norm(dim=-1) / (ref - ref.mean(-1, keepdim=True)).norm(dim=-1)
+    assert rho.max() <= math.sqrt(PATH_PROJECTIONS) * E_W["int4"], rho.max()
 
 
 def test_plan_cli_all_gpus_table(capsys):

@@ -135,11 +135,11 @@ def weight_bytes_per_decode_step(config: ModelConfig, dtype_bytes: int, quantiza
     """Weight bytes one decode step reads: all weights (projections as ``quantization`` stores
     them) but the embedding table (a lookup reads only the batch's rows), unless the table
     doubles as the LM head."""
-    from mistral_serve.model.quantization.footprint import weight_bytes
+    from mistral_serve.model.quantization.footprint import embedding_bytes, weight_bytes
 
     total = weight_bytes(config, quantization, dtype_bytes)
     if not config.tie_word_embeddings:
-        total -= config.vocab_size * config.hidden_size * dtype_bytes
+        total -= embedding_bytes(config, quantization, dtype_bytes)
     return total
 
 

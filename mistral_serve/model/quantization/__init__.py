@@ -8,7 +8,8 @@ checkpoints, over PyTorch's own kernels (see ``linear``).
 | ``packing`` | eight 4-bit values per int32 word, in a given nibble order |
 | ``awq`` / ``gptq`` | the published checkpoint formats: decode (load) and encode (the tiny-model writer) |
 | ``linear`` | kernel layers per scheme and device; dequantize-at-load fallback with a warning |
-| ``loading`` | builds the quantized layers while the checkpoint streams, one layer at a time |
+| ``embedding`` | the int8 input embedding table every quantized model holds (unless tied to lm_head) |
+| ``loading`` | builds the quantized layers and table while the checkpoint streams, one layer at a time |
 | ``export`` | writes a float checkpoint's projections as AWQ / GPTQ (``tiny-model --quantize``) |
 | ``footprint`` | weight bytes per scheme, for ``plan`` |
 """

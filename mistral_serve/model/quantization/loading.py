@@ -1,4 +1,5 @@
-"""Builds a model's quantized linear layers while the checkpoint streams past, one layer at a time.
+"""Builds a model's quantized linear layers (and int8 embedding table) while the checkpoint
+streams past, one layer at a time.
 
 The decoder's projections (fused q/k/v, o, fused gate/up, down in every layer) are replaced on
 the meta device by placeholders before the model is materialised, so their float weights are
@@ -8,6 +9,10 @@ decoded and repacked (AWQ / GPTQ), fused, moved to the device, and the placehold
 for the kernel's layer, after which the float parts are dropped. Host memory therefore holds
 the quantized model plus at most the pending parts of the layers in flight (one layer's worth
 with the usual name-sorted shards), never a second full copy.
+
+The input embedding table goes the same way (``embedding.py``: int8 per row, unless tied to
+the lm_head), for every method: a pre-quantized AWQ / GPTQ checkpoint stores it in float16
+like any other, so its model holds the same bytes as one quantized on load.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 
 from mistral_serve.model.quantization import awq, gptq
 from mistral_serve.model.quantization.config import QuantizationConfig
+from mistral_serve.model.quantization.embedding import Int8Embedding, quantizes_embedding
 from mistral_serve.model.quantization.linear import build_linear
 from mistral_serve.model.quantization.schemes import (
     Fp8Weight,
@@ -40,12 +46,13 @@ PROJECTIONS = {
     "mlp.down_proj": ("mlp.down_proj",),
 }
 GATE_UP = "mlp.gate_up_proj"
+EMBEDDING = "model.embed_tokens.weight"
 logger = logging.getLogger(__name__)
 _HF_NAME = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(\w+)$")
 
 
 class _Pending(nn.Module):
-    """Stands in for a projection until its weights have arrived; calling it is a bug."""
+    """Stands in for a projection (or the embedding) until its weights have arrived; calling it is a bug."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("quantized layer was never loaded from the checkpoint")
@@ -73,7 +80,8 @@ _CAT = {Int8Weight: Int8Weight.cat, Int4Weight: Int4Weight.cat, Fp8Weight: Fp8We
 class QuantizedLayerLoader:
     def __init__(self, model: nn.Module, qc: QuantizationConfig, device: torch.device, dtype: torch.dtype,
                  float_gate_up: type[nn.Linear]) -> None:
-        """Swap every projection of ``model`` (still on the meta device) for a placeholder."""
+        """Swap every projection of ``model`` (still on the meta device), and its embedding
+        unless tied, for a placeholder."""
         self.qc, self.device, self.dtype, self.float_gate_up = qc, device, dtype, float_gate_up
         self.suffixes, self.decode = _part_decoder(qc)
         self.model = model
@@ -91,6 +99,10 @@ class QuantizedLayerLoader:
                 self.shapes[(i, ours)] = self._part_shapes(fused, len(parts), ours)
                 self.pending[(i, ours)] = {p: {} for p in parts}
                 setattr(parent, leaf, _Pending())
+        self.quantize_embedding = quantizes_embedding(model.config)
+        self.embedding_pending = self.quantize_embedding
+        if self.quantize_embedding:
+            model.embed_tokens = _Pending()
 
     def _part_shapes(self, fused: nn.Linear, num_parts: int, ours: str) -> list[tuple[int, int]]:
         cfg = self.model.config
@@ -101,7 +113,10 @@ class QuantizedLayerLoader:
         return [(fused.out_features // num_parts, k)] * num_parts
 
     def accept(self, hf_name: str, tensor: torch.Tensor) -> bool:
-        """Take ``tensor`` if it belongs to a quantized projection (True), else leave it (False)."""
+        """Take ``tensor`` if it belongs to a quantized projection or table (True), else leave it (False)."""
+        if hf_name == EMBEDDING and self.quantize_embedding:
+            self._build_embedding(tensor)
+            return True
         m = _HF_NAME.match(hf_name)
         if m is None:
             return False
@@ -127,6 +142,16 @@ class QuantizedLayerLoader:
             self._build(key)
         return True
 
+    def _build_embedding(self, tensor: torch.Tensor) -> None:
+        if not self.embedding_pending:
+            raise ValueError(f"{EMBEDDING}: a second copy in the checkpoint")
+        cfg = self.model.config
+        if tuple(tensor.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(f"{EMBEDDING}: checkpoint shape {tuple(tensor.shape)} != model "
+                             f"{(cfg.vocab_size, cfg.hidden_size)}")
+        self.model.embed_tokens = Int8Embedding.from_float(tensor, self.device, self.dtype)
+        self.embedding_pending = False
+
     def _build(self, key: tuple[int, str]) -> None:
         layer, ours = key
         parts = self.pending.pop(key)
@@ -149,7 +174,9 @@ class QuantizedLayerLoader:
         setattr(parent, leaf, build_linear(fused, self.device, self.dtype, ours == GATE_UP, self.float_gate_up))
 
     def finish(self) -> None:
-        """Every projection must have been built; name what is missing otherwise."""
+        """Every projection (and the quantized embedding) must have been built; name what is missing otherwise."""
+        if self.embedding_pending:
+            raise ValueError(f"checkpoint lacks {EMBEDDING}")
         if self.pending:
             (layer, ours), parts = next(iter(self.pending.items()))
             missing = [f"model.layers.{layer}.{p}.{s}" for p, t in parts.items() for s in self.suffixes if s not in t]
@@ -161,10 +188,12 @@ class QuantizedLayerLoader:
 
 def quantize_in_place(model: nn.Module, qc: QuantizationConfig, device: torch.device, dtype: torch.dtype,
                       float_gate_up: type[nn.Linear]) -> None:
-    """Quantize the projections of an already materialised float model (random weights for
-    benchmarks), layer by layer. Quantizing a fused weight equals fusing quantized parts:
-    every scale is per output row."""
+    """Quantize the projections (and the untied embedding) of an already materialised float
+    model (random weights for benchmarks), layer by layer, as a checkpoint load would.
+    Quantizing a fused weight equals fusing quantized parts: every scale is per output row."""
     quantize = _on_load_quantizer(qc)
+    if quantizes_embedding(model.config):
+        model.embed_tokens = Int8Embedding.from_float(model.embed_tokens.weight.detach(), device, dtype)
     for layer in model.layers:
         for ours in PROJECTIONS:
             parent_name, leaf = ours.split(".")
