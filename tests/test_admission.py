@@ -246,23 +246,81 @@ def test_queue_gate_time_bound_trips_within_a_second_of_a_flood():
 
 
 def test_queue_gate_time_bound_spares_free_batch_slots():
-    """While admitted requests fit the engines' batches, a slow-looking start rate (the batch's
-    own prefill) refuses nothing; once the batches are full the time bound applies."""
+    """While admitted requests fit the engines' batches and the oldest waiting one has waited
+    under half the objective, a slow-looking start rate (the batch's own prefill) refuses
+    nothing; once the batches are full the time bound applies."""
     clock = Clock()
     gate = QueueGate(max_requests=1000, max_tokens=None, clock=clock, max_wait_s=1.0)
     gate.batch_slots = 64
     assert all(gate.try_enter(1).ok for _ in range(64))  # a burst of one batch
-    for _ in range(10):  # its prefill starts 4 per 0.5 s: a wait estimate of ~7 s
-        clock.t += 0.5
+    for _ in range(4):  # its prefill starts 4 per 0.1 s: ~48 waiting at 40/s, over 1 s
+        clock.t += 0.1
         for _ in range(4):
             gate.leave(1, started=True)
     for _ in range(4):  # 4 finish; their clients send again at once: free slots, admitted
         gate.finish()
         assert gate.try_enter(1).ok
     assert gate.in_flight == 64
-    assert not gate.try_enter(1).ok  # batches full: the time bound refuses
+    refused = gate.try_enter(1)  # batches full: the time bound refuses
+    assert not refused.ok and "wait about" in refused.message
     gate.leave(1, started=False)  # an admitted one gave up before starting: a slot is free again
     assert gate.in_flight == 63 and gate.try_enter(1).ok
+
+
+def test_queue_gate_free_slots_do_not_hide_a_long_prefill_backlog():
+    """A flood into a large batch (128 slots) on a slow engine: once the oldest waiting request
+    has waited half the objective, free slots no longer admit, and past the objective even a
+    fast-looking start rate does not."""
+    clock = Clock()
+    gate = QueueGate(max_requests=1000, max_tokens=None, clock=clock, max_wait_s=2.0)
+    gate.batch_slots = 128
+    admitted = started = 0
+    for _ in range(30):  # 3 s: 6 arrivals and 2 starts per 0.1 s (20 starts/s, the batch not full)
+        clock.t += 0.1
+        for _ in range(2):
+            if gate.waiting_requests:
+                gate.leave(1, started=True)
+                started += 1
+        admitted += sum(gate.try_enter(1).ok for _ in range(6))
+    assert gate.in_flight < 128  # free slots were left all along
+    # Admitted requests wait about waiting / 20 s: the backlog stays near the 2 s objective's 40,
+    # not the ~86 that sparing every free slot would have let in by the time the batch filled.
+    assert gate.waiting_requests <= 2.0 * 20 * 1.25
+    assert admitted == started + gate.waiting_requests and admitted < 128
+
+    stuck = QueueGate(max_requests=1000, max_tokens=None, clock=clock, max_wait_s=2.0)
+    stuck.batch_slots = 128
+    assert stuck.try_enter(1).ok
+    clock.t += 2.5  # the one waiting request has not started in 2.5 s
+    refused = stuck.try_enter(1)
+    assert not refused.ok and "has not started yet" in refused.message
+
+
+def test_queue_gate_full_batches_wait_for_finishes_not_prefill_starts():
+    """Starts at prefill speed while a batch fills say nothing about when a slot frees: once
+    the batches are full the wait reads from the finish rate."""
+    clock = Clock()
+    gate = QueueGate(max_requests=1000, max_tokens=None, clock=clock, max_wait_s=2.0)
+    gate.batch_slots = 32
+    for _ in range(20):  # 2 s of steady traffic: one finishes and one arrives every 0.25 s
+        clock.t += 0.25
+        assert gate.try_enter(1).ok
+        gate.leave(1, started=True)
+        gate.finish()
+    assert gate.finish_rate() == pytest.approx(4.0, rel=0.1)
+    for _ in range(4):  # a flood fills the batch: 10 arrivals and 8 starts per 0.1 s
+        clock.t += 0.1
+        for _ in range(10):
+            gate.try_enter(1)
+        for _ in range(8):
+            if gate.waiting_requests:
+                gate.leave(1, started=True)
+    assert gate.in_flight >= 32 and gate.start_rate() > 50
+    admitted = 0
+    while gate.try_enter(1).ok:
+        admitted += 1
+    # At 4 finishes/s a 2 s objective holds about 8 waiting requests, whatever the starts said.
+    assert gate.waiting_requests <= 2.0 * 4 + 1
 
 
 def test_queue_gate_time_bound_ignores_light_load():

@@ -191,18 +191,23 @@ class _Load:
         self.active = 0
         self.threads: list[tuple[threading.Thread, threading.Event]] = []
 
-    def _one(self) -> None:
+    def _one(self) -> float:
+        """Sends one request; returns how long to back off (a refusal's Retry-After, else 0)."""
         req = urllib.request.Request(self.url, data=self.body, headers={"content-type": "application/json"})
+        backoff = 0.0
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 json.loads(r.read())
                 outcome = "ok"
         except urllib.error.HTTPError as exc:
             outcome = "rejected" if exc.code in (429, 503) else "failed"
+            if outcome == "rejected":  # as a real client does: a refused request is retried later
+                backoff = min(float(exc.headers.get("Retry-After") or 1.0), 2.0)
         except Exception:  # noqa: BLE001
             outcome = "failed"
         with self.lock:
             setattr(self, outcome, getattr(self, outcome) + 1)
+        return backoff
 
     def _client(self, stop: threading.Event) -> None:
         with self.lock:
@@ -213,7 +218,7 @@ class _Load:
                     if self.sent >= MAX_REQUESTS:
                         return
                     self.sent += 1
-                self._one()
+                stop.wait(self._one())
         finally:
             with self.lock:
                 self.active -= 1

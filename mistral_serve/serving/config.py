@@ -88,7 +88,9 @@ class ReplicaConfig(_Strict):
     runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of the replicas (env_vars, ...)")
     worker_niceness: int | None = Field(
         0, ge=0, le=19, description="nice value of the replica processes (Ray starts workers at 15, below its own "
-                                    "daemons); 0 lets the engine outrank Ray's bookkeeping; null keeps Ray's")
+                                    "daemons); 0 lets the engine outrank Ray's bookkeeping; `mistral-serve serve` "
+                                    "gives it to every Ray worker, proxy and Router included (k8s/: the "
+                                    "RAY_worker_niceness env); null keeps Ray's")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="default: max_num_seqs + max(2, max_num_seqs // 4), the engine's batch plus headroom")
     max_queued_requests: int | None = Field(

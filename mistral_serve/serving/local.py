@@ -201,6 +201,12 @@ def start_local(
     system_config = {}
     if metrics_report_interval_ms:
         system_config["metrics_report_interval_ms"] = metrics_report_interval_ms
+    if parsed.replicas.worker_niceness is not None:
+        # Every worker, not only the replicas: the proxy and the Router are on every token's
+        # path and answer every refusal. With the engine at 0 and them at Ray's 15 they got ~3%
+        # of a busy core, and a 10x overload (`mistral-serve load overload`) left ~450 requests
+        # in front of them, unanswered, while refusals lagged by seconds.
+        system_config["worker_niceness"] = parsed.replicas.worker_niceness
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     if quiet_ray:  # inherited by the raylet and every Ray worker it starts
         for key, value in QUIET_RAY_ENV.items():
