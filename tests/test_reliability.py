@@ -42,8 +42,14 @@ def _llm_actors(app: str) -> dict[str, object]:
     import ray
 
     prefix = f"SERVE_REPLICA::{app}#LLMReplica#"
-    return {a["name"]: ray.get_actor(a["name"], namespace="serve")
-            for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+    actors = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].startswith(prefix):
+            try:
+                actors[a["name"]] = ray.get_actor(a["name"], namespace="serve")
+            except ValueError:  # listed, then died before the lookup: a replica being replaced
+                continue
+    return actors
 
 
 def _replica_stats(app: str) -> dict[str, dict]:
