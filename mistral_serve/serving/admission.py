@@ -433,17 +433,17 @@ class QueueGate:
         if self.max_wait_s is None or not self.waiting_requests:
             return None
         oldest = self.oldest_wait()
+        batches_full = self.batch_slots is not None and self.in_flight >= self._bound(self.batch_slots)
         if oldest > self.max_wait_s:
             return Decision(False, "queue_full", f"The server is overloaded: a request admitted {oldest:.1f} s ago "
                                                  "has not started yet. Retry later.", self.retry_after())
-        if (self.batch_slots is not None and self.in_flight < self._bound(self.batch_slots)
-                and oldest <= self.max_wait_s / 2):
+        if self.batch_slots is not None and not batches_full and oldest <= self.max_wait_s / 2:
             return None  # a free batch slot and a short prefill backlog: it starts within a few steps
         stalled_for = self._clock() - max(self._last_start, self._backlog_since)
         if self._rate_weight < 0.1 and stalled_for <= self.max_wait_s:
             return None  # under ~0.1 s of backlog observed and something started within the bound
         rate = self.start_rate()
-        if self.batch_slots is not None and self.in_flight >= self._bound(self.batch_slots):
+        if batches_full:
             rate = min(rate, self.finish_rate())
         wait = max((self.waiting_requests + 1) / rate if rate > 0 else math.inf, oldest)
         if wait > self.max_wait_s:

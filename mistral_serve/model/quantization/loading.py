@@ -100,7 +100,6 @@ class QuantizedLayerLoader:
                 self.pending[(i, ours)] = {p: {} for p in parts}
                 setattr(parent, leaf, _Pending())
         self.quantize_embedding = quantizes_embedding(model.config)
-        self.embedding_pending = self.quantize_embedding
         if self.quantize_embedding:
             model.embed_tokens = _Pending()
 
@@ -143,14 +142,16 @@ class QuantizedLayerLoader:
         return True
 
     def _build_embedding(self, tensor: torch.Tensor) -> None:
-        if not self.embedding_pending:
+        if not self._embedding_pending():
             raise ValueError(f"{EMBEDDING}: a second copy in the checkpoint")
         cfg = self.model.config
         if tuple(tensor.shape) != (cfg.vocab_size, cfg.hidden_size):
             raise ValueError(f"{EMBEDDING}: checkpoint shape {tuple(tensor.shape)} != model "
                              f"{(cfg.vocab_size, cfg.hidden_size)}")
         self.model.embed_tokens = Int8Embedding.from_float(tensor, self.device, self.dtype)
-        self.embedding_pending = False
+
+    def _embedding_pending(self) -> bool:
+        return isinstance(self.model.embed_tokens, _Pending)
 
     def _build(self, key: tuple[int, str]) -> None:
         layer, ours = key
@@ -175,7 +176,7 @@ class QuantizedLayerLoader:
 
     def finish(self) -> None:
         """Every projection (and the quantized embedding) must have been built; name what is missing otherwise."""
-        if self.embedding_pending:
+        if self._embedding_pending():
             raise ValueError(f"checkpoint lacks {EMBEDDING}")
         if self.pending:
             (layer, ours), parts = next(iter(self.pending.items()))
