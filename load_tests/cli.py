@@ -14,34 +14,10 @@ from pathlib import Path
 
 import aiohttp
 
-from . import SCENARIOS
+from .argtypes import opt_float, pos_float, pos_int
 from .report import write_json, write_markdown, write_plots
-from .scenarios import default_out_dir, run_scenario
+from .scenarios import SCENARIOS, default_out_dir, run_scenario
 from .workload import DEFAULT_WORKLOAD, DISTRIBUTIONS, Workload
-
-
-def _opt_float(text: str) -> float | None:
-    """A number, or ``none``/``off``/``0`` to disable an SLO bound."""
-    if text.lower() in ("none", "off", "0", "-1"):
-        return None
-    v = float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError("must be > 0 (or 'none')")
-    return v
-
-
-def _pos_float(text: str) -> float:
-    v = float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return v
-
-
-def _pos_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return v
 
 
 def _redact(argv: list[str]) -> list[str]:
@@ -69,14 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "waits at most --drain-timeout more, and sends at most --max-requests requests.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("scenario", choices=SCENARIOS,
-                   help="steady: one phase; sweep: low load to saturation; overload: factor x saturation "
-                        "rate; ramp: rate up then down (+ replica count); soak: long steady run (+ memory/KV drift)")
+                   help="; ".join(f"{s.name}: {s.help}" for s in SCENARIOS.values()))
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 (with or without /v1)")
-    p.add_argument("--duration", type=_pos_float, default=60.0, help="seconds of issuing requests (whole run)")
+    p.add_argument("--duration", type=pos_float, default=60.0, help="seconds of issuing requests (whole run)")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--rate", type=_pos_float, help="open loop, req/s (sweep: highest rate; overload: the "
+    load.add_argument("--rate", type=pos_float, help="open loop, req/s (sweep: highest rate; overload: the "
                                                       "saturation rate to multiply; ramp: peak rate)")
-    load.add_argument("--concurrency", type=_pos_int, help="closed loop, concurrent users (sweep: highest level)")
+    load.add_argument("--concurrency", type=pos_int, help="closed loop, concurrent users (sweep: highest level)")
     p.add_argument("--out", type=Path, default=None, help="report directory (default load-report/SCENARIO-TIME)")
 
     g = p.add_argument_group("target")
@@ -89,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not send ignore_eos=true (needed for servers that reject unknown fields)")
 
     g = p.add_argument_group("bounds")
-    g.add_argument("--max-requests", type=_pos_int, default=10_000, help="request budget of the whole run")
+    g.add_argument("--max-requests", type=pos_int, default=10_000, help="request budget of the whole run")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to wait for in-flight requests after issuing stops; then they are cancelled "
                         "and counted as errors")
-    g.add_argument("--request-timeout", type=_pos_float, default=120.0, help="per-request client timeout, s")
-    g.add_argument("--max-in-flight", type=_pos_int, default=1024,
+    g.add_argument("--request-timeout", type=pos_float, default=120.0, help="per-request client timeout, s")
+    g.add_argument("--max-in-flight", type=pos_int, default=1024,
                    help="open loop: arrivals beyond this many open requests are not sent (client_dropped)")
     g.add_argument("--no-retry-after", action="store_true",
                    help="closed loop: do not wait Retry-After seconds after a 429/503")
@@ -106,38 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"workload file for --dist workload (default {DEFAULT_WORKLOAD})")
     g.add_argument("--prompt-len", help="N or A:B (uniform range); median for longtail")
     g.add_argument("--output-len", help="max_tokens: N or A:B; median for longtail")
-    g.add_argument("--max-prompt-len", type=_pos_int, default=2048, help="longtail clip")
-    g.add_argument("--max-output-len", type=_pos_int, default=512, help="longtail clip")
+    g.add_argument("--max-prompt-len", type=pos_int, default=2048, help="longtail clip")
+    g.add_argument("--max-output-len", type=pos_int, default=512, help="longtail clip")
     g.add_argument("--prompt-format", choices=("ids", "text"), default=None,
                    help="token-id list or text (default ids for completions; chat is always text)")
     g.add_argument("--arrival", choices=("poisson", "constant"), default="poisson", help="open-loop arrivals")
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("SLO for goodput ('none' disables a bound)")
-    g.add_argument("--slo-ttft", type=_opt_float, default=1.0, help="TTFT bound, s")
-    g.add_argument("--slo-itl", type=_opt_float, default=0.1, help="bound on each request's p99 chunk gap, s")
-    g.add_argument("--slo-e2e", type=_opt_float, default=None, help="end-to-end bound, s")
+    g.add_argument("--slo-ttft", type=opt_float, default=1.0, help="TTFT bound, s")
+    g.add_argument("--slo-itl", type=opt_float, default=0.1, help="bound on each request's p99 chunk gap, s")
+    g.add_argument("--slo-e2e", type=opt_float, default=None, help="end-to-end bound, s")
 
     g = p.add_argument_group("server-side sampling")
     g.add_argument("--metrics-url", help="Prometheus text endpoint, e.g. http://127.0.0.1:8080/metrics")
     g.add_argument("--metrics-prefix", default="ray_mistral_serve_", help="'vllm:' for a vLLM peer")
     g.add_argument("--deployment", default="LLMReplica", help="deployment whose healthy replicas are counted")
     g.add_argument("--pid", type=int, help="sample the RSS of this process (and its children)")
-    g.add_argument("--sample-interval", type=_pos_float, default=None, help="s (default duration/60, 0.5..5)")
+    g.add_argument("--sample-interval", type=pos_float, default=None, help="s (default duration/60, 0.5..5)")
 
     g = p.add_argument_group("scenario options")
-    g.add_argument("--rates", help="sweep: explicit comma-separated rates, low to high")
-    g.add_argument("--steps", type=_pos_int, default=6, help="sweep: number of steps")
-    g.add_argument("--start-rate", type=_pos_float, default=0.5, help="sweep without --rate: first rate, doubled per step")
-    g.add_argument("--growth-min", type=float, default=0.1,
-                   help="sweep: a step whose output tok/s grows less than this (relative) is past saturation")
-    g.add_argument("--factor", type=_pos_float, default=10.0, help="overload: multiple of the saturation rate")
-    g.add_argument("--saturation-rate", type=_pos_float, help="overload: the saturation rate (same as --rate)")
-    g.add_argument("--probe-concurrency", type=_pos_int, default=16, help="overload: users of the saturation probe")
-    g.add_argument("--probe-duration", type=_pos_float, help="overload: probe seconds (default min(10, duration/4))")
-    g.add_argument("--schedule", help="ramp: 't:rate,...' points (s:req/s), linear in between")
-    g.add_argument("--min-rate", type=_pos_float, help="ramp: start/end rate (default peak/10)")
-    g.add_argument("--hold-frac", type=float, default=0.0, help="ramp: fraction of the time held at the peak")
+    for scenario in SCENARIOS.values():
+        scenario.add_arguments(g)
 
     g = p.add_argument_group("output")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -152,12 +117,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.argv = _redact(argv)
     if a.api_key is None:
         a.api_key = os.environ.get("OPENAI_API_KEY") or None
-    if a.scenario in ("overload", "ramp") and a.concurrency:
+    if SCENARIOS[a.scenario].open_loop_only and a.concurrency:
         parser.error(f"{a.scenario} is open-loop: use --rate, not --concurrency")
-    if a.schedule and a.scenario != "ramp":
-        parser.error("--schedule is for the ramp scenario")
-    if a.rates and a.scenario != "sweep":
-        parser.error("--rates is for the sweep scenario")
+    for other in SCENARIOS.values():
+        for dest in other.exclusive:
+            if getattr(a, dest) and other.name != a.scenario:
+                parser.error(f"--{dest.replace('_', '-')} is for the {other.name} scenario")
     if a.endpoint == "chat":
         if a.prompt_format == "ids":
             parser.error("the chat endpoint takes text prompts: drop --prompt-format ids")

@@ -1,5 +1,10 @@
 """Writes a run's results: ``report.json`` (meta, summary, phases, scenario results, timeline,
-server samples, one record per request), ``report.md`` and PNG plots."""
+server samples, one record per request), ``report.md`` and PNG plots.
+
+Which scenario sections and plots a report gets follows from the findings in its ``scenario``
+key (a sweep's ``saturation`` and ``curve``, an overload's ``accounting``, a ramp's ``schedule``
+and ``replicas``, a soak's ``slopes``), not from the scenario's name: only the scenario that
+found something says so, and this module needs no table of scenarios."""
 from __future__ import annotations
 
 import json
@@ -121,8 +126,7 @@ def write_markdown(report: dict, out_dir: Path) -> Path:
     sc = report.get("scenario") or {}
     if sc.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in sc["notes"]] + [""]
-    kind = m["scenario"]
-    if kind == "sweep" and sc.get("saturation"):
+    if sc.get("saturation"):
         sat = sc["saturation"]
         lines += ["## Saturation", ""]
         if sat.get("index") is not None:
@@ -136,8 +140,8 @@ def write_markdown(report: dict, out_dir: Path) -> Path:
             lines.append("Not reached: throughput still grew at the highest load of the sweep; raise the rates.")
         lines += ["", f"Best achieved: {_f(sat.get('capacity_req_per_s'))} req/s, "
                       f"{_f(sat.get('capacity_output_tok_per_s'))} output tok/s.", ""]
-    if kind == "overload":
-        acc = sc.get("accounting", {})
+    if "accounting" in sc:
+        acc = sc["accounting"]
         lines += ["## No request lost", "",
                   f"Overload phase at {_f(sc.get('overload_rate'))} req/s "
                   f"({_f(sc.get('factor'))} × saturation {_f(sc.get('saturation_rate'))} req/s, "
@@ -147,7 +151,7 @@ def write_markdown(report: dict, out_dir: Path) -> Path:
         if sc.get("server_counters"):
             lines += ["Server-side router counters (delta over the run, as scraped; Ray exports with a delay): "
                       f"`{json.dumps(sc['server_counters'])}`", ""]
-    if kind == "soak" and sc.get("slopes"):
+    if sc.get("slopes"):
         rows = []
         for k, v in sc["slopes"].items():
             if not v:
@@ -156,12 +160,12 @@ def write_markdown(report: dict, out_dir: Path) -> Path:
             rows.append([k, _f(v["first"] / div, unit), _f(v["last"] / div, unit), _f(v["per_h"] / div, unit),
                          _f(v.get("r2")), v.get("n")])
         lines += ["## Drift over the soak", "", _table(["series", "first", "last", "slope per hour", "r²", "samples"], rows), ""]
-    if kind == "ramp" and sc.get("replicas"):
+    if sc.get("replicas"):
         r = sc["replicas"]
         lines += ["## Autoscaling", "", f"Replicas (healthy `LLMReplica`): min {_f(r.get('min'))}, "
                   f"max {_f(r.get('max'))}, at end {_f(r.get('last'))}; peak queue depth (waiting+running) "
                   f"{_f(r.get('queue_depth_max'))}.", ""]
-    if report.get("phases") and len(report["phases"]) > 1 or kind == "sweep":
+    if report.get("phases") and len(report["phases"]) > 1 or "curve" in sc:
         lines += ["## Phases", "", phases_markdown(report["phases"]), ""]
     s = report["summary"]
     if s.get("errors") or s.get("rejected"):
@@ -311,22 +315,21 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
         return []
     names: list[str] = []
     tl = report.get("timeline") or []
-    sched = (report.get("scenario") or {}).get("schedule")
+    sc = report.get("scenario") or {}
+    sched = sc.get("schedule")
     if tl:
         plot_latency_vs_time(tl, out_dir / "latency_vs_time.png"); names.append("latency_vs_time.png")
         plot_throughput_vs_time(tl, out_dir / "throughput_vs_time.png", sched)
         names.append("throughput_vs_time.png")
-    kind = report["meta"]["scenario"]
-    if kind == "sweep" and report.get("phases"):
-        plot_latency_throughput(report["phases"], out_dir / "latency_throughput.png",
-                                (report.get("scenario") or {}).get("saturation"))
+    if sc.get("curve"):  # one point per phase
+        plot_latency_throughput(report["phases"], out_dir / "latency_throughput.png", sc.get("saturation"))
         names.append("latency_throughput.png")
     samples = report.get("samples") or []
     if samples and any(s.get("replicas") is not None or s.get("queue_depth") is not None for s in samples):
-        plot_replicas_queue(samples, out_dir / "replicas_queue.png", sched if kind == "ramp" else None)
+        plot_replicas_queue(samples, out_dir / "replicas_queue.png", sched)
         names.append("replicas_queue.png")
     if samples and any(s.get(k) is not None for s in samples
                        for k in ("rss_bytes", "server_rss_bytes", "ray_rss_bytes", "kv_usage")):
-        plot_memory_kv(samples, out_dir / "memory_kv.png", (report.get("scenario") or {}).get("slopes") or {})
+        plot_memory_kv(samples, out_dir / "memory_kv.png", sc.get("slopes") or {})
         names.append("memory_kv.png")
     return names
