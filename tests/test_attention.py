@@ -3,17 +3,20 @@ computed per sequence straight from unpaged K/V: random ragged batches, GQA 4:1,
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 import torch
 
+from mistral_serve.model import attention
 from mistral_serve.model.attention import (
     CAUSAL,
     DECODE,
     MASKED,
     build_attention_metadata,
     decode_buckets,
+    masked_buckets,
     paged_attention,
 )
 
@@ -34,9 +37,10 @@ def reference(q, k, v, q_start, window, scale):
     return out
 
 
-def run_case(seqs, window, seed, min_split_blocks=None):
+def run_case(seqs, window, seed, min_split_blocks=None, per_chunk=False):
     """seqs: [(q_start, q_len)]. Builds a paged cache holding each sequence's live context in
-    shuffled physical blocks (garbage everywhere else), runs the step, compares per sequence."""
+    shuffled physical blocks (garbage everywhere else), runs the step, compares per sequence
+    (per_chunk: also with the sequence laid out and attended alone, unbatched)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     scale = D**-0.5
@@ -77,6 +81,11 @@ def run_case(seqs, window, seed, min_split_blocks=None):
         s, n = seqs[i]
         ref = reference(qs[i], dense_k[i], dense_v[i], s, window, scale)
         torch.testing.assert_close(out[row : row + n], ref, atol=2e-5, rtol=2e-5, msg=f"sequence {i} {seqs[i]}")
+        if per_chunk:
+            alone = build_attention_metadata([s], [n], [offsets[i]], [tables[i]], BS, window).meta
+            rows = slice(row, row + n)
+            one = paged_attention(qs[i], k_new[rows], v_new[rows], k_cache, v_cache, alone, scale)
+            torch.testing.assert_close(out[rows], one, atol=1e-5, rtol=1e-5, msg=f"alone {i} {seqs[i]}")
         row += n
     return layout
 
@@ -114,7 +123,7 @@ def test_many_small_buckets(window):
 def test_prefill_chunks_at_zero_and_mid_sequence(window):
     seqs = [(0, 7), (0, 40), (0, 128), (50, 20), (3000, 64), (33, 1), (17, 31), (0, 1)]
     layout = run_case(seqs, window, seed=5)
-    kinds = [g.kind for g in layout.meta.groups if g.kind != DECODE]
+    kinds = [g.kind for g in layout.meta.groups if g.kind != DECODE for _ in range(g.num_seqs)]
     # (0, 7) is always plain causal on its own rows; (0, 40)/(0, 128) only when they fit the window.
     expect = {None: [CAUSAL, CAUSAL, CAUSAL, MASKED, MASKED, MASKED],
               32: [CAUSAL, MASKED, MASKED, MASKED, MASKED, MASKED],
@@ -122,7 +131,7 @@ def test_prefill_chunks_at_zero_and_mid_sequence(window):
     assert kinds == expect
     for g in layout.meta.groups:
         if g.kind == MASKED:
-            assert g.mask.dtype == torch.bool and g.mask.shape == (g.q_len, g.k_len)
+            assert g.mask.dtype == torch.bool and g.mask.shape == (g.num_seqs, 1, g.q_len, g.k_len)
         if g.kind == CAUSAL:
             assert g.mask is None and g.kv_blocks is None
 
@@ -148,3 +157,33 @@ def test_decode_buckets_rule():
     assert decode_buckets([512, 16, 16, 8], 64) == [(0, 1), (1, 4)]
     assert decode_buckets([64, 1, 1], 64) == [(0, 3)]
     assert decode_buckets([4, 2, 1]) == [(0, 3)] and decode_buckets([26, 13, 7]) == [(0, 1), (1, 3)]
+
+
+
+@pytest.mark.parametrize("max_chunks", [2, 16])
+@pytest.mark.parametrize("seed", range(4))
+def test_masked_chunks_batched_equal_per_chunk(seed, max_chunks, monkeypatch):
+    """Many mid-sequence chunks (a shared prefix plus their own tokens, as after a prefix-cache
+    hit) of differing Lq/Lk, window on and off: batched into few SDPA calls with padded
+    queries, equal to the dense reference and to each chunk laid out and attended alone."""
+    rng = random.Random(200 + seed)
+    window = [None, 48, 200, None][seed]
+    seqs = [(rng.choice([1024, 1040, rng.randint(1, 1500)]), rng.choice([16, 32, rng.randint(2, 90)]))
+            for _ in range(rng.randint(8, 40))]
+    seqs += [(rng.randint(0, 500), 1) for _ in range(4)] + [(0, 33)]
+    monkeypatch.setattr(attention, "masked_buckets", functools.partial(masked_buckets, max_chunks=max_chunks))
+    layout = run_case(seqs, window, seed=seed, per_chunk=True)
+    masked = [g for g in layout.meta.groups if g.kind == MASKED]
+    assert len(masked) < sum(g.num_seqs for g in masked)  # chunks share calls
+    assert any(g.q_index is not None for g in masked)  # padding is exercised
+    for g in masked:
+        assert g.mask.shape == (g.num_seqs, 1, g.q_len, g.k_len)
+
+
+def test_masked_buckets_rule():
+    assert masked_buckets([], []) == []
+    assert masked_buckets([16] * 5, [66] * 5) == [(0, 2), (2, 4), (4, 5)]  # MAX_MASKED_BUCKET
+    assert masked_buckets([16] * 5, [66] * 5, max_chunks=5) == [(0, 5)]
+    # Padded work (members x longest chunk x most blocks) stays at most twice the real work.
+    assert masked_buckets([2000, 16, 16, 16], [66] * 4, 8) == [(0, 2), (2, 4)]
+    assert masked_buckets([16] * 5, [100, 30, 30, 30, 30], 8) == [(0, 3), (3, 5)]
