@@ -87,8 +87,9 @@ def fault_server_args() -> dict:
 
 
 def deploy_app(live, name: str, args: dict, ready_replicas: int, timeout_s: float = 300.0):
-    """Deploy ``build_app(args)`` as another application (route prefix ``/<name>``) on the
-    session cluster of ``live`` and wait until its router sees ``ready_replicas`` replicas."""
+    """Deploy ``build_app(args)`` as another application (route prefix ``/<name>``, reached
+    through Ray's proxy) on the session cluster of ``live`` and wait until its router sees
+    ``ready_replicas`` replicas."""
     from ray import serve
 
     from mistral_serve.serving import build_app
@@ -97,10 +98,10 @@ def deploy_app(live, name: str, args: dict, ready_replicas: int, timeout_s: floa
 
     parsed = AppArgs.model_validate(args)
     serve.run(build_app(parsed), name=name, route_prefix=f"/{name}", blocking=False)
-    base_url = f"{live.base_url}/{name}"
+    base_url = f"{live.proxy_url}/{name}"
     _wait_ready(base_url + "/ready", timeout_s, ready_replicas)
     return LocalServer(base_url=base_url, model=parsed.model_name, metrics_url=live.metrics_url, host=live.host,
-                       port=live.port, app_name=name, args=parsed.model_dump(mode="json"))
+                       port=live.port, app_name=name, args=parsed.model_dump(mode="json"), proxy_url=live.proxy_url)
 
 
 @pytest.fixture(scope="session")

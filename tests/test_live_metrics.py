@@ -233,7 +233,8 @@ def _post(live, path: str, body: dict, key: str | None = None) -> int:
 @pytest.fixture(scope="module")
 def loaded(live_server, prometheus):
     """A short bounded load once Prometheus scrapes: 16 completions (streaming and not, two
-    tenants), one invalid request and one with an unknown key (router rejections, 4xx)."""
+    tenants), one prompt sent twice (a prefix-cache hit, whatever ran before on this server),
+    one invalid request and one with an unknown key (router rejections, 4xx)."""
     model = live_server.model
     alpha = live_server.api_keys["alpha"]
     jobs = []
@@ -244,6 +245,8 @@ def loaded(live_server, prometheus):
     with cf.ThreadPoolExecutor(4) as pool:
         codes = list(pool.map(lambda j: _post(live_server, *j), jobs))
     assert codes == [200] * len(jobs), codes
+    repeated = {"model": model, "prompt": "A system prompt long enough to fill whole KV blocks. " * 8, "max_tokens": 4}
+    assert [_post(live_server, "/v1/completions", repeated) for _ in range(2)] == [200, 200]
     assert _post(live_server, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": -1}) == 400
     assert _post(live_server, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 4},
                  key="sk-not-a-key") == 401

@@ -131,6 +131,10 @@ class RouterConfig(_Strict):
     max_queued_requests: int = Field(
         1024, ge=1, description="queued at each proxy beyond max_ongoing: a backstop answered by Ray with 503")
     status_poll_interval_s: float = Field(2.0, gt=0)
+    direct_ingress: bool = Field(
+        True, description="`mistral-serve serve` with one Router: the Router answers HTTP on the server's port itself "
+                          "(Ray's direct ingress), so streamed tokens skip the proxy hop; `serve deploy` and KubeRay keep "
+                          "Ray's proxy")
 
 
 class AppArgs(_Strict):
