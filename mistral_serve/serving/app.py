@@ -60,7 +60,8 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
 
 def build_app(args: dict | AppArgs | None = None) -> serve.Application:
     from mistral_serve.serving.replica import LLMReplica
-    from mistral_serve.serving.router import AdmissionState, Router
+    from mistral_serve.serving.admission_state import AdmissionState
+    from mistral_serve.serving.router import Router
 
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     plain = parsed.model_dump(mode="json")
