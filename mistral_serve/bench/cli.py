@@ -53,6 +53,10 @@ def main(argv: list[str]) -> int:
         from mistral_serve.bench.serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv and argv[0] == "http":
+        from mistral_serve.bench.http_vs_offline import main as http_main
+
+        return http_main(argv[1:])
     if argv and argv[0] == "gpu":
         from mistral_serve.bench.gpu import main as gpu_main
 
@@ -61,7 +65,8 @@ def main(argv: list[str]) -> int:
         print("usage: mistral-serve bench engine [options]   (see --help)\n"
               "       mistral-serve bench gpu [options]      (Mistral 7B shape, random weights, vs the HBM floor)\n"
               "       mistral-serve bench serve [options]    (streaming over HTTP, any OpenAI server; side by side with vLLM)\n"
-              "       mistral-serve bench routing [options]  (multi-turn chats over 2 replicas: cache-aware routing vs not)")
+              "       mistral-serve bench routing [options]  (multi-turn chats over 2 replicas: cache-aware routing vs not)\n"
+              "       mistral-serve bench http [options]     (workload-64 streamed over HTTP vs the offline engine)")
         return 2
     a = _parser().parse_args(argv[1:])
     torch.set_num_threads(a.threads)

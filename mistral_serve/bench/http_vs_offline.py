@@ -1,6 +1,6 @@
 """HTTP-path throughput vs the offline engine on the shared workload (64 concurrent requests).
 
-    python -m mistral_serve.serving.bench_http [--workload /work/shared/bench/workload-64.json]
+    mistral-serve bench http [--workload /work/shared/bench/workload-64.json] [--no-stream] [--json F]
 
 Both sides run the same engine configuration on the same model with the same requests:
 prompt token ids from the workload, greedy, ``ignore_eos`` (an extra body field over HTTP),
@@ -8,8 +8,8 @@ prompt token ids from the workload, greedy, ``ignore_eos`` (an extra body field 
 
 Order, so both see the same machine state (other processes share these 2 cores): offline runs
 with Ray down → start a local Ray + the app (one LLMReplica) → HTTP warm-up → N pairs of
-(offline run with Ray idle, HTTP run: all requests at once, non-streaming, like the vLLM online
-client in /work/shared/bench/vllm-cpu) → stop Ray → offline runs with Ray down again. Reports
+(offline run with Ray idle, HTTP run: all requests at once, streamed as chat clients send them,
+or with ``--no-stream`` one body each) → stop Ray → offline runs with Ray down again. Reports
 the median of the paired ratios and the HTTP median over the Ray-down offline baseline.
 Prints one JSON line ``RESULT {...}``.
 """
@@ -52,15 +52,21 @@ class Offline:
         return n / wall
 
 
-async def _http_once(url: str, model: str, w: dict) -> tuple[int, float]:
+async def _http_once(url: str, model: str, w: dict, stream: bool) -> tuple[int, float]:
     import aiohttp
 
     async def one(session, ids, n):
-        body = {"model": model, "prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+        body = {"model": model, "prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                "stream": stream, "stream_options": {"include_usage": True} if stream else None}
         async with session.post(url, json=body) as r:
-            j = await r.json()
-            assert r.status == 200, j
-            return j["usage"]["completion_tokens"]
+            assert r.status == 200, await r.text()
+            if not stream:
+                return (await r.json())["usage"]["completion_tokens"]
+            usage = None
+            async for line in r.content:  # SSE: the usage chunk comes last, before [DONE]
+                if line.startswith(b"data: {") and b'"usage":{' in line:
+                    usage = json.loads(line[6:])["usage"]
+            return usage["completion_tokens"]
 
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=900)) as s:
@@ -69,8 +75,8 @@ async def _http_once(url: str, model: str, w: dict) -> tuple[int, float]:
         return sum(res), time.perf_counter() - t
 
 
-def http_run(url: str, model: str, w: dict, label: str) -> float:
-    n, wall = asyncio.run(_http_once(url, model, w))
+def http_run(url: str, model: str, w: dict, label: str, stream: bool) -> float:
+    n, wall = asyncio.run(_http_once(url, model, w, stream))
     assert n == sum(w["max_tokens"]), n
     print(label, json.dumps({"out_tok": n, "wall_s": round(wall, 3), "out_tok_per_s": round(n / wall, 1)}),
           flush=True)
@@ -78,7 +84,7 @@ def http_run(url: str, model: str, w: dict, label: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mistral_serve.serving.bench_http", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mistral-serve bench http", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", default=DEFAULT_WORKLOAD)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -89,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--default-ray-intervals", action="store_true",
                    help="keep Ray Serve's default background intervals (local.QUIET_RAY_ENV otherwise)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="stream the HTTP responses (SSE, as chat clients do; default) or not")
+    p.add_argument("--json", help="write the result here too")
     p.add_argument("--worker-niceness", default="0", help="the LLMReplica's nice value, or 'ray' for Ray's (15)")
     a = p.parse_args(argv)
     w = json.loads(Path(a.workload).read_text())
+    from mistral_serve.bench.measure import cpu_model
     from mistral_serve.model.tiny import ensure_tiny_model
     from mistral_serve.serving.local import free_port, start_local, stop_local
 
@@ -109,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = server.base_url + "/v1/completions"
         for _ in range(a.warmup):
-            http_run(url, server.model, w, "HTTP(warm-up)")
+            http_run(url, server.model, w, "HTTP(warm-up)", a.stream)
         for _ in range(a.runs):  # interleaved, so drift in machine load hits both sides alike
             off = offline.run("OFFLINE(ray idle)")
-            pairs.append((off, http_run(url, server.model, w, "HTTP")))
+            pairs.append((off, http_run(url, server.model, w, "HTTP", a.stream)))
     finally:
         stop_local()
     after = [offline.run("OFFLINE(ray down)") for _ in range(a.runs)]
@@ -120,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     http = [h for _, h in pairs]
     down = statistics.mean([med(before), med(after)])
     result = {
-        "workload": a.workload, "requests": len(w["max_tokens"]), "output_tokens": sum(w["max_tokens"]),
+        "workload": a.workload, "stream": a.stream, "cpu_model": cpu_model(), "requests": len(w["max_tokens"]), "output_tokens": sum(w["max_tokens"]),
         "engine": engine,
         "offline_ray_down_median_tok_per_s": [round(med(before), 1), round(med(after), 1)],
         "offline_ray_idle_tok_per_s": [round(o, 1) for o, _ in pairs],
@@ -129,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         "http_median_over_offline_ray_down": round(med(http) / down, 3),
     }
     print("RESULT", json.dumps(result), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
