@@ -99,7 +99,7 @@ class ReplicaConfig(_Strict):
     stream_max_interval_ms: float = Field(
         200.0, ge=0, description="max gap between streamed messages of one request, however many streams are open")
     stream_messages_per_s: float = Field(
-        400.0, ge=0, description="streamed messages per second this replica aims at in all: with S open streams each "
+        150.0, ge=0, description="streamed messages per second this replica aims at in all: with S open streams each "
                                  "sends at most every S / this seconds (between the min and max gap); 0: every step")
     stall_timeout_s: float = Field(60.0, gt=0, description="check_health fails after this long without a step")
     health_check_period_s: float = 5.0
