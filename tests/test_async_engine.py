@@ -41,7 +41,7 @@ def test_streams_match_offline_results(engine, tiny_model_dir):
     offline = LLM(str(tiny_model_dir)).generate(prompts, params)
     assert [s[0] for s in streamed] == [o.outputs[0].token_ids for o in offline]
     assert [s[1] for s in streamed] == [o.outputs[0].text for o in offline]
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_non_streaming_mode_sends_first_and_merged_final(engine):
@@ -65,9 +65,9 @@ def test_abort_frees_blocks_at_once(engine):
     async def scenario():
         gen = engine.generate("a long story", SamplingParams(max_tokens=500, ignore_eos=True), "to-abort")
         await gen.__anext__()
-        assert engine.stats()["kv_blocks_used"] > 0
+        assert engine.stats().kv_blocks_used > 0
         final = await engine.abort("to-abort")
-        assert engine.stats()["kv_blocks_used"] == 0
+        assert engine.stats().kv_blocks_used == 0
         assert final.finished and final.outputs[0].finish_reason == "abort"
         assert final.metrics.compute_seconds > 0  # the work done so far can be billed
         assert await engine.abort("to-abort") is None
@@ -91,10 +91,10 @@ def test_consumer_going_away_aborts_the_request(engine):
         with pytest.raises(asyncio.CancelledError):
             await task
         for _ in range(50):
-            if engine.stats()["kv_blocks_used"] == 0 and engine.stats()["num_running"] == 0:
+            if engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0:
                 break
             await asyncio.sleep(0.05)
-        assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["num_running"] == 0
+        assert engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0
 
     run(scenario())
 

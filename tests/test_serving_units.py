@@ -205,12 +205,12 @@ def test_busy_idle_meter_accounts_every_second():
 def test_queue_depth_ranking():
     from mistral_serve.serving.request_router import queue_depth
 
-    small_busy = queue_depth({"capacity": 8, "kv_usage": 0.1}, 6, 10)
-    big_busy = queue_depth({"capacity": 64, "kv_usage": 0.1}, 6, 80)
-    kv_full = queue_depth({"capacity": 64, "kv_usage": 0.95}, 6, 80)
+    small_busy = queue_depth({"batch_capacity": 8, "kv_usage": 0.1}, 6, 10)
+    big_busy = queue_depth({"batch_capacity": 64, "kv_usage": 0.1}, 6, 80)
+    kv_full = queue_depth({"batch_capacity": 64, "kv_usage": 0.95}, 6, 80)
     assert big_busy < small_busy and big_busy < kv_full
     assert queue_depth(None, None, 10) == 0  # a new replica without stats is preferred
-    assert queue_depth({"capacity": 4, "ongoing": 2}, None, 10) == 0.5
+    assert queue_depth({"batch_capacity": 4, "ongoing": 2}, None, 10) == 0.5
 
 
 def test_retry_avoids_the_replica_that_failed_it():
@@ -228,7 +228,7 @@ def test_retry_avoids_the_replica_that_failed_it():
 
     def replica(uid: str, ongoing: int):
         return SimpleNamespace(replica_id=replica_id(uid), max_ongoing_requests=8,
-                               routing_stats={"capacity": 4, "ongoing": ongoing, "failed": False})
+                               routing_stats={"batch_capacity": 4, "ongoing": ongoing, "failed": False})
 
     victim, busy = replica("victim", 0), replica("busy", 3)
     class Ranking(LeastQueueDepthRouter):  # only the ranking, without Serve's wiring
@@ -329,20 +329,20 @@ def test_replica_messages_coalescing_abort_and_health(replica_args):
             for stream in (True, False):
                 gen = r.generate(_req(f"d{stream}", stream=stream, max_tokens=200))
                 await gen.__anext__()
-                assert r.engine.stats()["kv_blocks_used"] > 0
+                assert r.engine.stats().kv_blocks_used > 0
                 await gen.aclose()
                 for _ in range(100):
                     s = r.engine.stats()
-                    if s["kv_blocks_used"] == 0 and s["num_running"] == 0:
+                    if s.kv_blocks_used == 0 and s.num_running == 0:
                         break
                     await asyncio.sleep(0.02)
-                assert s["kv_blocks_used"] == 0 and s["num_running"] == 0 and r._ongoing == 0
+                assert s.kv_blocks_used == 0 and s.num_running == 0 and r._ongoing == 0
             # an invalid request comes back as an error message, not an exception
             bad = [m async for m in r.generate(_req("e", stream=False, max_tokens=300))]
             assert bad[0].status == 400 and bad[0].kind == "context_length"
             # routing / autoscaling stats
             stats = r.record_routing_stats()
-            assert stats["capacity"] == 4 and stats["kv_usage"] == 0
+            assert stats["batch_capacity"] == 4 and stats["kv_usage"] == 0
             assert set(r.record_autoscaling_stats()) >= {"num_waiting", "num_running", "kv_usage"}
             await r.check_health()
             # a wedged engine (a step that does not return) fails the health check

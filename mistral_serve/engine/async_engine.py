@@ -22,6 +22,7 @@ from mistral_serve.engine.block_manager import ROUTING_STRIDE
 from mistral_serve.engine.llm_engine import LLMEngine, RequestError
 from mistral_serve.engine.outputs import RequestOutput
 from mistral_serve.engine.sampling_params import SamplingParams
+from mistral_serve.engine.stats import EngineStats
 
 __all__ = ["AsyncLLM", "EngineDeadError", "RequestError"]
 
@@ -106,11 +107,17 @@ class AsyncLLM:
             return None
         return await done
 
-    def stats(self) -> dict:
-        snap = self.engine.stats.snapshot()
-        snap["alive"] = self._error is None and self._thread.is_alive()
-        snap["seconds_since_progress"] = time.monotonic() - self.last_progress
-        return snap
+    @property
+    def quantization(self) -> str:
+        """The weights' format as loaded (``"none"`` for full precision), for the metrics label
+        that lets $/1M tokens compare replicas differing only in it."""
+        return self.engine.quantization
+
+    def stats(self) -> EngineStats:
+        """A copy of the engine's figures, cheap enough for every routing-stats poll; taken while
+        the engine thread may be mid-step, so two figures can straddle one step."""
+        return self.engine.stats.snapshot(alive=self._error is None and self._thread.is_alive(),
+                                          seconds_since_progress=time.monotonic() - self.last_progress)
 
     def prefix_routing_keys(self) -> tuple[int, int, list[int]]:
         """(block size, stride, routing keys) of the prefixes this engine holds cached
@@ -124,6 +131,12 @@ class AsyncLLM:
         busy = self.engine.has_unfinished_requests() or bool(self._commands)
         if busy and time.monotonic() - self.last_progress > stall_timeout_s:
             raise EngineDeadError(f"engine made no progress for {stall_timeout_s:.0f}s with work pending")
+
+    def fail(self, exc: BaseException) -> None:
+        """Deliver ``exc`` to every in-flight request now: for an owner that judged the engine
+        dead (e.g. a stalled loop), since a wedged loop would otherwise hold them indefinitely."""
+        for request_id in list(self._streams):
+            self._dispatch_one(request_id, exc)
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -159,7 +172,7 @@ class AsyncLLM:
                 self._dispatch(outputs)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting clients
             self._error = exc
-            self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
+            self.fail(EngineDeadError(f"engine step failed: {exc!r}"))
 
     def _apply_commands(self) -> None:
         while self._commands:
@@ -205,10 +218,6 @@ class AsyncLLM:
         stream = self._streams.get(request_id)
         if stream is not None:
             stream[0].call_soon_threadsafe(_deliver, [(stream[1], item)])
-
-    def _fail_all(self, exc: BaseException) -> None:
-        for request_id in list(self._streams):
-            self._dispatch_one(request_id, exc)
 
 
 def _deliver(items: list) -> None:

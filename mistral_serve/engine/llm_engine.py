@@ -25,7 +25,7 @@ from mistral_serve.engine.sampler import sample
 from mistral_serve.engine.sampling_params import SamplingParams
 from mistral_serve.engine.scheduler import Scheduler
 from mistral_serve.engine.sequence import Sequence
-from mistral_serve.engine.stats import EngineStats
+from mistral_serve.engine.stats import EngineCounters
 from mistral_serve.engine.structured_output import GrammarCompiler
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.loader import resolve_model_dir
@@ -75,7 +75,7 @@ class LLMEngine:
         # child id ``{request_id}#{i}``), until all n finished.
         self._groups: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
-        self.stats = EngineStats(kv_blocks_total=num_blocks, max_num_seqs=args.max_num_seqs)
+        self.stats = EngineCounters(kv_blocks_total=num_blocks, batch_capacity=args.max_num_seqs)
 
     def _num_kv_blocks(self, device: torch.device) -> int:
         dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from mistral_serve.engine.stats import EngineStats
+
 # vLLM's buckets (vllm/v1/metrics/loggers.py) so dashboards and habits carry over.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
@@ -129,7 +131,7 @@ class EngineMetrics:
         self.running = _gauge("mistral_serve_num_requests_running", "Sequences in the running batch.", m)
         self.waiting = _gauge("mistral_serve_num_requests_waiting", "Requests waiting for the batch.", m)
         self.kv_usage = _gauge("mistral_serve_kv_cache_usage_perc", "KV blocks in use / total (0..1).", m)
-        self.capacity = _gauge("mistral_serve_batch_capacity", "The replica's max_num_seqs.", m)
+        self.batch_capacity = _gauge("mistral_serve_batch_capacity", "The replica's max_num_seqs.", m)
         self.preemptions = _counter("mistral_serve_num_preemptions", "Preemptions by recompute.", m)
         self.prefix_queries = _counter("mistral_serve_prefix_cache_queries",
                                        "Prompt tokens looked up in the prefix cache at admission.", m)
@@ -174,13 +176,13 @@ class EngineMetrics:
         if reference_usd_per_1m is not None:
             self.reference_price.set(reference_usd_per_1m, tags=self.tags)
 
-    def set_engine_gauges(self, stats: dict) -> None:
+    def set_engine_gauges(self, stats: EngineStats) -> None:
         # Re-set every loop: Ray evicts a gauge not set again within a few export intervals.
         self.quantization_info.set(1, tags=self.quantization_tags)
-        self.running.set(stats["num_running"], tags=self.tags)
-        self.waiting.set(stats["num_waiting"], tags=self.tags)
-        self.kv_usage.set(stats["kv_usage"], tags=self.tags)
-        self.capacity.set(stats["max_num_seqs"], tags=self.tags)
+        self.running.set(stats.num_running, tags=self.tags)
+        self.waiting.set(stats.num_waiting, tags=self.tags)
+        self.kv_usage.set(stats.kv_usage, tags=self.tags)
+        self.batch_capacity.set(stats.batch_capacity, tags=self.tags)
 
     def add(self, counter, value: float) -> None:
         if value > 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -161,14 +162,15 @@ class LLMReplica:
         try:
             from mistral_serve.serving.metrics import EngineMetrics
 
-            self.metrics = EngineMetrics(self.model_name, self.max_model_len, self.engine.engine.quantization)
+            self.metrics = EngineMetrics(self.model_name, self.max_model_len, self.engine.quantization)
             self.metrics.set_prices(self.price, self.args.cost.reference_price_usd_per_1m_output_tokens)
         except Exception:  # noqa: BLE001 - metrics must never keep a replica from serving
             logger.exception("LLMReplica: metrics disabled")
         self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_loop())
+        s = self.engine.stats()
         logger.info("LLMReplica ready: model=%s dir=%s max_model_len=%d max_num_seqs=%d kv_blocks=%d (%.1fs)",
-                    self.model_name, self.model_dir, self.max_model_len, self.engine.engine.args.max_num_seqs,
-                    self.engine.engine.block_manager.num_blocks, time.monotonic() - t0)
+                    self.model_name, self.model_dir, self.max_model_len, s.batch_capacity, s.kv_blocks_total,
+                    time.monotonic() - t0)
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -302,46 +304,47 @@ class LLMReplica:
             except EngineDeadError as exc:
                 self._failed = str(exc)
                 logger.error("LLMReplica unhealthy, failing in-flight requests: %s", exc)
-                self.engine._fail_all(EngineDeadError(f"replica unhealthy: {exc}"))
+                self.engine.fail(EngineDeadError(f"replica unhealthy: {exc}"))
         raise EngineDeadError(self._failed)
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Read by LeastQueueDepthRouter (request_router.py) in every caller of this deployment."""
+        """Read by LeastQueueDepthRouter (request_router.py) in every caller of this deployment;
+        a plain dict, as Ray carries it, keyed like ``EngineStats`` where it holds its figures."""
         s = self.engine.stats()
         block_size, stride, keys = self.engine.prefix_routing_keys()
         return {
             "prefix_block_size": block_size,  # cache-aware routing (request_router.py)
             "prefix_stride": stride,
             "prefix_keys": keys,
-            "num_waiting": s["num_waiting"],
-            "num_running": s["num_running"],
-            "kv_usage": s["kv_usage"],
-            "capacity": s["max_num_seqs"],
+            "num_waiting": s.num_waiting,
+            "num_running": s.num_running,
+            "kv_usage": s.kv_usage,
+            "batch_capacity": s.batch_capacity,
             "ongoing": self._ongoing,
-            "failed": self._failed is not None or not s["alive"],  # routed to last (request_router.py)
+            "failed": self._failed is not None or not s.alive,  # routed to last (request_router.py)
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metrics (Ray 2.60), for a queue-depth autoscaling policy."""
+        """Custom autoscaling metrics (Ray 2.60), for a queue-depth autoscaling policy
+        (autoscaling.py); plain floats, as Ray aggregates them, keyed like ``EngineStats``."""
         s = self.engine.stats()
-        cap = max(1, s["max_num_seqs"])
+        cap = max(1, s.batch_capacity)
         return {
-            "num_waiting": float(s["num_waiting"]),
-            "num_running": float(s["num_running"]),
-            "kv_usage": float(s["kv_usage"]),
+            "num_waiting": float(s.num_waiting),
+            "num_running": float(s.num_running),
+            "kv_usage": float(s.kv_usage),
             "batch_capacity": float(cap),
-            "queue_depth_per_capacity": float(s["num_waiting"] + s["num_running"]) / cap,
+            "queue_depth_per_capacity": float(s.num_waiting + s.num_running) / cap,
         }
 
     # ---- introspection (tests, operators) -----------------------------------------------------
 
     async def stats(self) -> dict:
-        s = self.engine.stats()
-        times = sorted(self.engine.engine.stats.step_times)
-        s["step_time_p90"] = times[int(len(times) * 0.9)] if times else None
-        s.update(ongoing=self._ongoing, replica_id=_replica_id(), model=self.model_name,
-                 max_model_len=self.max_model_len, asyncio_tasks=len(asyncio.all_tasks()))
-        return s
+        """The engine's ``EngineStats`` plus what only the replica knows, as a plain dict: a
+        caller (tests, operators) reads it without importing the engine."""
+        return {**dataclasses.asdict(self.engine.stats()), "ongoing": self._ongoing, "replica_id": _replica_id(),
+                "model": self.model_name, "max_model_len": self.max_model_len,
+                "asyncio_tasks": len(asyncio.all_tasks())}
 
     # ---- test hooks (replicas.test_hooks: true; off by default; DeploymentHandle only) -----------
 
@@ -400,8 +403,8 @@ class LLMReplica:
 
     def _export_metrics(self) -> None:
         s = self.engine.stats()
-        has_work = s["num_running"] + s["num_waiting"] > 0 or self._ongoing > 0
-        busy, idle = self._meter.sample(s["busy_seconds"], has_work)
+        has_work = s.num_running + s.num_waiting > 0 or self._ongoing > 0
+        busy, idle = self._meter.sample(s.busy_seconds, has_work)
         m = self.metrics
         if m is None:
             return
@@ -410,8 +413,9 @@ class LLMReplica:
         for key, counter in (("prompt_tokens", m.prompt_tokens), ("generation_tokens", m.generation_tokens),
                              ("num_preemptions", m.preemptions), ("prefix_cache_queries", m.prefix_queries),
                              ("prefix_cache_hits", m.prefix_hits)):
-            m.add(counter, s[key] - self._last[key])
-            self._last[key] = s[key]
+            value = getattr(s, key)
+            m.add(counter, value - self._last[key])
+            self._last[key] = value
         m.add(m.busy, busy)
         m.add(m.idle, idle)
         m.add(m.idle_cost, request_cost_usd(idle, self.price))

@@ -5,11 +5,11 @@ Ray's default (power of two choices) compares the number of ongoing requests of 
 replicas. For an LLM engine that number hides what matters: how full the running batch is
 relative to *its* capacity (replicas may differ in ``max_num_seqs``) and how close the KV
 pool is to preempting. Each LLMReplica reports ``record_routing_stats()`` (num_waiting,
-num_running, kv_usage, capacity, ongoing, and a summary of its prefix cache); Serve's
+num_running, kv_usage, batch_capacity, ongoing, and a summary of its prefix cache); Serve's
 controller collects them every ``request_routing_stats_period_s`` and pushes them to every
 caller. We rank *all* candidate replicas by
 
-    depth = ongoing / capacity + kv_usage
+    depth = ongoing / batch_capacity + kv_usage
 
 where ``ongoing`` is the caller's fresh queue-length cache (updated on every send and probe),
 falling back to the reported value.
@@ -50,10 +50,10 @@ def queue_depth(stats: dict | None, ongoing: int | None, max_ongoing: int) -> fl
     stats = stats or {}
     if stats.get("failed"):
         return math.inf  # engine dead or wedged: only when nothing else is left
-    capacity = stats.get("capacity") or max_ongoing or 1
+    batch_capacity = stats.get("batch_capacity") or max_ongoing or 1
     if ongoing is None:
         ongoing = stats.get("ongoing", stats.get("num_running", 0) + stats.get("num_waiting", 0))
-    return ongoing / max(1, capacity) + float(stats.get("kv_usage", 0.0))
+    return ongoing / max(1, batch_capacity) + float(stats.get("kv_usage", 0.0))
 
 
 class PrefixMatcher:
