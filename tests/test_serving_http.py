@@ -66,6 +66,20 @@ def test_models_health_ready(live_server):
     assert r.status_code == 200 and r.json()["data"][0]["id"] == live_server.model
 
 
+def test_router_answers_the_server_port_itself(live_server):
+    """Direct ingress (serving/local.py): the process listening on the server's port is the
+    Router replica, not Ray's proxy, which serves the same app from its own port."""
+    import psutil
+
+    owners = {c.pid for c in psutil.net_connections("tcp")
+              if c.status == psutil.CONN_LISTEN and c.laddr.port == live_server.port}
+    assert len(owners) == 1, owners
+    title = " ".join(psutil.Process(owners.pop()).cmdline())
+    assert "ServeReplica:mistral:Router" in title, title
+    assert live_server.proxy_url != live_server.base_url
+    assert requests.get(live_server.proxy_url + "/health", timeout=10).status_code == 200
+
+
 def test_completion_with_usage_cost_and_header(live_server):
     client = _client(live_server)
     raw = client.completions.with_raw_response.create(
