@@ -372,3 +372,18 @@ def test_replica_messages_coalescing_abort_and_health(replica_args):
             r.__del__()
 
     asyncio.run(main())
+
+
+def test_start_local_refuses_a_busy_port_before_starting_ray():
+    """A busy server port fails at once with the port named: with direct ingress Ray would move
+    the Router to the next port of its range, and /ready on the asked port would never answer."""
+    import socket
+
+    from mistral_serve.serving.local import start_local
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(OSError, match=f"port {port} on 127.0.0.1 is already in use"):
+            start_local({}, port=port)

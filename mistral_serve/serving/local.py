@@ -225,6 +225,9 @@ def start_local(
     parsed = AppArgs.model_validate(args)
     if num_cpus is not None:  # before Ray starts: fail in milliseconds
         check_resources(parsed, num_cpus, None, source=f"the local Ray (num_cpus={num_cpus:g})")
+    if port_in_use(port, host):  # Ray would move a direct-ingress Router to the next port, or fail the proxy
+        raise OSError(f"port {port} on {host} is already in use (another server, or one still stopping; "
+                      "choose another with --port)")
     if metrics_port and port_in_use(metrics_port):
         raise OSError(f"metrics port {metrics_port} is already in use (choose another with --metrics-port)")
     metrics_port = metrics_port or free_port()
