@@ -58,9 +58,9 @@ class AdmissionConfig(_Strict):
         None, ge=1, description="admitted requests not yet started, all routers together (default: 2 x batch capacity)")
     max_waiting_tokens: int | None = Field(None, ge=1, description="their prompt tokens, all routers together")
     max_queue_wait_s: float | None = Field(
-        2.0, gt=0, description="the TTFT objective: refuse (429) a request that would wait longer than this to start "
-                               "(first token), at the recent rate of starts; the count bounds are a backstop; "
-                               "null: count bounds only")
+        2.0, gt=0, description="the TTFT objective of admitted requests: refuse (429) a request expected to wait "
+                               "more than 0.8 of this to start (first token), at the recent rate of starts; the "
+                               "count bounds are a backstop; null: count bounds only")
     retry_after_s: float = Field(1.0, gt=0, description="smallest Retry-After sent with 429/503")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of a whole request")
     queue_timeout_s: float = Field(60.0, gt=0, description="longest wait for the first token")
