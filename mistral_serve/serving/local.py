@@ -86,8 +86,9 @@ def check_resources(parsed, cpus: float, gpus: float | None = None, source: str 
 # along with it), on a spare localhost port. One Router only: with more, each takes a port of
 # its own and a load balancer in front (Ray's HAProxy mode) would be needed; they keep the proxy.
 # Further apps on the same cluster (tests deploy several) are reached through the proxy at their
-# route prefix; their Routers take the next ports of the range. Ports are not quarantined and draining is not held open: no load balancer needs to notice a
-# restarted Router here, and a stop must not wait Ray's 30 s draining floor.
+# route prefix; their Routers take the next ports of the range. Ports are not quarantined and
+# draining is not held open: no load balancer needs to notice a restarted Router here, and a
+# stop must not wait Ray's 30 s draining floor.
 DIRECT_INGRESS_EXTRA_PORTS = 15
 
 

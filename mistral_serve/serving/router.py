@@ -120,11 +120,9 @@ class Router:
         self.pre = Preprocessor(self.model_name, self.tokenizer, config.vocab_size, self.max_model_len, adm)
         self.keys, limits, self.allow_anonymous = build_tenants(adm)
         self.auth_enabled = len(self.keys) > 0
+        gate = QueueGate(None, adm.max_waiting_tokens, adm.retry_after_s, max_wait_s=adm.max_queue_wait_s)
         replicas = self.args.replicas.num_replicas
-        slots = self.args.max_num_seqs * (replicas if isinstance(replicas, int) else 1)
-        gate = QueueGate(adm.max_waiting_requests or 2 * slots, adm.max_waiting_tokens, adm.retry_after_s,
-                         max_wait_s=adm.max_queue_wait_s)
-        gate.batch_slots = slots
+        self._size_gate(gate, replicas if isinstance(replicas, int) else 1)
         self.metrics = None
         try:
             from mistral_serve.serving.metrics import RouterMetrics
@@ -336,14 +334,16 @@ class Router:
         file_drain = bool(self.adm.drain_file) and os.path.exists(self.adm.drain_file)
         self.draining = self._manual_drain or file_drain
 
+    def _size_gate(self, gate: QueueGate, replicas: int) -> None:
+        """The batch slots of ``replicas`` LLMReplicas and the waiting bound (default: two batches each)."""
+        gate.batch_slots = self.args.max_num_seqs * replicas
+        gate.max_requests = self.adm.max_waiting_requests or 2 * gate.batch_slots
+
     def _on_cluster_change(self) -> None:
-        """After a status poll: the default waiting bound follows the ready replicas (two batches
-        each), this Router's share of the bounds follows the Routers, and the drain file is read."""
-        ready = self.cluster.ready_replicas
-        if ready:
-            gate = self.admission.gate
-            gate.max_requests = self.adm.max_waiting_requests or 2 * self.args.max_num_seqs * ready
-            gate.batch_slots = self.args.max_num_seqs * ready
+        """After a status poll: the gate follows the ready replicas, this Router's share of the
+        bounds follows the Routers, and the drain file is read."""
+        if self.cluster.ready_replicas:
+            self._size_gate(self.admission.gate, self.cluster.ready_replicas)
         self.admission.set_router_share(1.0 / self.cluster.num_routers)
         self._refresh_draining()
 
