@@ -157,3 +157,39 @@ def test_wedged_loop_fails_health_check(tiny_model_dir):
 
     run(scenario())
     eng.shutdown()
+
+
+_OMP_PROBE = r"""
+import asyncio, ctypes, sys
+from mistral_serve import EngineArgs, SamplingParams
+from mistral_serve.engine.async_engine import AsyncLLM
+
+# The OpenMP runtime torch loaded (its own copy, under a hashed name).
+path = next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+omp_get_max_threads = ctypes.CDLL(path).omp_get_max_threads
+eng = AsyncLLM(EngineArgs(model=sys.argv[1], kv_cache_memory_bytes=16 << 20, num_threads=2))
+seen = []
+eng.before_step = lambda: seen.append(omp_get_max_threads())
+
+async def main():
+    async for _ in eng.generate([1, 2, 3], SamplingParams(max_tokens=2), "omp"):
+        pass
+
+asyncio.run(main())
+eng.shutdown()
+print("OMP", seen[0])
+"""
+
+
+def test_engine_thread_runs_the_configured_cpu_threads(tiny_model_dir):
+    """Ray starts an LLMReplica with OMP_NUM_THREADS=1; the engine's own loop thread must still
+    run its parallel regions on ``num_threads`` threads (OpenMP counts threads per OS thread)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _OMP_PROBE, str(tiny_model_dir)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OMP 2" in out.stdout, out.stdout

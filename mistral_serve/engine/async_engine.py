@@ -158,6 +158,7 @@ class AsyncLLM:
     def _run(self) -> None:
         engine = self.engine
         try:
+            engine.claim_cpu_threads()
             while not self._stopping:
                 self._apply_commands()
                 if not engine.has_unfinished_requests():
