@@ -316,11 +316,11 @@ def test_replica_messages_coalescing_abort_and_health(replica_args):
             text = "".join(m.text for m in msgs)
             # streaming: same text; with a 30 ms interval tokens are merged into fewer messages
             r.interval_s = 0.03
-            r.engine.before_step = lambda: __import__("time").sleep(0.01)  # ~10 ms steps
+            r.engine.inject_fault("slow", seconds=0.01)  # ~10 ms steps
             smsgs = [m async for m in r.generate(_req("b", stream=True))]
             assert "".join(m.text for m in smsgs) == text
             assert 2 <= len(smsgs) < 12, [m.num_tokens for m in smsgs]
-            r.engine.before_step = None
+            r.engine.inject_fault("clear")
             # logprobs travel as (token, logprob, top) triples
             lp = [m async for m in r.generate(_req("c", stream=False, max_tokens=3, logprobs=2))]
             triples = [t for m in lp for t in m.logprobs]
@@ -346,24 +346,17 @@ def test_replica_messages_coalescing_abort_and_health(replica_args):
             assert set(r.record_autoscaling_stats()) >= {"num_waiting", "num_running", "kv_usage"}
             await r.check_health()
             # a wedged engine (a step that does not return) fails the health check
-            import threading
-
-            release = threading.Event()
-            r.engine.before_step = lambda: release.wait(5)
+            r.engine.inject_fault("wedge", seconds=5)
             gen = r.generate(_req("f", stream=True, max_tokens=4))
             task = asyncio.ensure_future(gen.__anext__())
             await asyncio.sleep(1.0)
             with pytest.raises(Exception, match="no progress"):
                 await r.check_health()
-            release.set()
-            r.engine.before_step = None
+            r.engine.inject_fault("clear")
             await task
             await gen.aclose()
             # a dead engine loop: requests fail with 503 and the health check fails
-            def boom():
-                raise RuntimeError("injected")
-
-            r.engine.before_step = boom
+            r.engine.inject_fault("raise")
             dead = [m async for m in r.generate(_req("g", stream=False))]
             assert dead[0].status == 503
             with pytest.raises(Exception, match="engine"):

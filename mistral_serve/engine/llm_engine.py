@@ -46,6 +46,20 @@ class RequestError(ValueError):
         return type(self), (str(self), self.kind)
 
 
+def validate_request(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Raise RequestError (client-facing message) for a request no engine of this model can
+    serve. Needs only facts fixed at start, so the async engine checks before queueing."""
+    if not ids:
+        raise RequestError(validation.EMPTY_PROMPT)
+    if validation.bad_token_ids(ids, vocab_size):
+        raise RequestError(validation.prompt_ids_message(vocab_size))
+    if validation.bad_token_ids(params.stop_token_ids, vocab_size):
+        raise RequestError(validation.stop_ids_message(vocab_size))
+    if validation.exceeds_context(len(ids), params.max_tokens, max_model_len):
+        raise RequestError(validation.context_length_message(max_model_len, len(ids), params.max_tokens or 0),
+                           kind="context_length")
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
@@ -53,8 +67,8 @@ class LLMEngine:
         self.config = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         device = args.torch_device()
-        self.device = device
-        self.claim_cpu_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(args.cpu_threads())
         self.dtype = args.torch_dtype(self.config.torch_dtype, device)
         self.max_model_len = min(args.max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
@@ -76,16 +90,6 @@ class LLMEngine:
         self._groups: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
         self.stats = EngineCounters(kv_blocks_total=num_blocks, batch_capacity=args.max_num_seqs)
-
-    def claim_cpu_threads(self) -> None:
-        """Give the calling thread the engine's torch intra-op threads (CPU only). Called by every
-        thread that steps the engine: OpenMP keeps the thread count per OS thread, and a new
-        thread starts from ``OMP_NUM_THREADS``, not from an earlier ``torch.set_num_threads`` in
-        another thread. Ray sets ``OMP_NUM_THREADS=1`` for an LLMReplica (its ``num_cpus``), so
-        the async engine's loop thread ran every matmul on one core while torch reported two
-        (a 1024² matmul: 10.3 ms against 5.5 ms on this 2-core machine)."""
-        if self.device.type == "cpu":
-            torch.set_num_threads(self.args.cpu_threads())
 
     def _num_kv_blocks(self, device: torch.device) -> int:
         dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
@@ -153,22 +157,10 @@ class LLMEngine:
         return seqs[0]
 
     def validate_request(self, ids: list[int], params: SamplingParams) -> None:
-        """Raise RequestError (client-facing message) if the request can never be served.
-
-        Reads only immutable engine facts, so the async engine calls it from the event loop.
-        """
-        if not ids:
-            raise RequestError(validation.EMPTY_PROMPT)
-        vocab = self.config.vocab_size
-        if validation.bad_token_ids(ids, vocab):
-            raise RequestError(validation.prompt_ids_message(vocab))
-        if validation.bad_token_ids(params.stop_token_ids, vocab):
-            raise RequestError(validation.stop_ids_message(vocab))
-        total = len(ids) + (params.max_tokens or 0)
-        if validation.exceeds_context(len(ids), params.max_tokens, self.max_model_len):
-            raise RequestError(validation.context_length_message(self.max_model_len, len(ids), params.max_tokens or 0),
-                               kind="context_length")
-        need = self.block_manager.max_blocks_per_seq(total)
+        """Raise RequestError (client-facing message) if the request can never be served: the
+        rules of ``validate_request`` below, and a KV pool large enough for it."""
+        validate_request(ids, params, self.config.vocab_size, self.max_model_len)
+        need = self.block_manager.max_blocks_per_seq(len(ids) + (params.max_tokens or 0))
         if need > self.block_manager.num_blocks:
             raise RequestError(f"the request needs {need} KV blocks but the pool holds {self.block_manager.num_blocks}")
 

@@ -22,7 +22,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
 from typing import Any
 
@@ -357,30 +356,9 @@ class LLMReplica:
         CUDA error); ``wedge``: the loop blocks for ``seconds`` before its next step (no progress);
         ``clear``: remove the hook. Returns this replica's id."""
         self._require_test_hooks()
-        if kind == "raise":
-            left = [after_steps]
-
-            def hook() -> None:
-                if left[0] <= 0:
-                    raise RuntimeError("injected engine fault (test hook)")
-                left[0] -= 1
-
-            self.engine.before_step = hook
-        elif kind == "wedge":
-            release = threading.Event()
-
-            def hook() -> None:
-                release.wait(seconds)
-                self.engine.before_step = None
-
-            self._release_wedge = release
-            self.engine.before_step = hook
-        elif kind == "clear":
-            self.engine.before_step = None
-            if getattr(self, "_release_wedge", None) is not None:
-                self._release_wedge.set()
-        else:
+        if kind not in ("raise", "wedge", "clear"):
             raise ValueError(f"unknown fault kind {kind!r}")
+        self.engine.inject_fault(kind, after_steps, seconds)
         logger.warning("LLMReplica: test fault %r injected", kind)
         return _replica_id()
 
@@ -423,8 +401,6 @@ class LLMReplica:
     def __del__(self) -> None:
         try:
             self._metrics_task.cancel()
-            if getattr(self, "_release_wedge", None) is not None:
-                self._release_wedge.set()
             self.engine.shutdown()
         except Exception:  # noqa: BLE001
             pass
