@@ -29,4 +29,4 @@ def test_ratios_and_cpu_per_request() -> None:
                  "vllm_client_tok_per_s": 1.1, "vllm_client_ttft_p99": 0.9}
     before = {1: ("router", 10.0), 2: ("proxy", 5.0), 3: ("replica", 1.0)}
     after = {1: ("router", 10.3), 2: ("proxy", 5.5), 4: ("replica", 9.0)}  # pid 3 gone, 4 new: not counted
-    assert _cpu_ms_per_request(before, after, 100) == {"proxy": 5.0, "router": 3.0, "replica": 0.0}
+    assert _cpu_ms_per_request(before, after, 100) == {"proxy": 5.0, "router": 3.0, "replica": 0.0, "engine_core": 0.0}

@@ -154,6 +154,9 @@ def _run_vllm_client(vllm_bin: str, base_url: str, model: str, tokenizer_dir: st
 
 _SERVING_PROCESSES = {"proxy": "ProxyActor", "router": "ServeReplica:mistral:Router",
                       "replica": "ServeReplica:mistral:LLMReplica"}
+# The LLMReplica's child processes: its engine core (engine/engine_core.py) and multiprocessing's
+# resource tracker.
+ENGINE_CORE = "engine_core"
 
 
 def _serving_cpu() -> dict[int, tuple[str, float]]:
@@ -165,8 +168,10 @@ def _serving_cpu() -> dict[int, tuple[str, float]]:
             cmd = " ".join(p.info["cmdline"] or [])
             for role, marker in _SERVING_PROCESSES.items():
                 if marker in cmd:
-                    t = p.cpu_times()
-                    out[p.pid] = (role, t.user + t.system)
+                    for proc, proc_role in [(p, role)] + [(c, ENGINE_CORE) for c in p.children()
+                                                          if role == "replica"]:
+                        t = proc.cpu_times()
+                        out[proc.pid] = (proc_role, t.user + t.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
@@ -174,7 +179,7 @@ def _serving_cpu() -> dict[int, tuple[str, float]]:
 
 def _cpu_ms_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
                         requests: int) -> dict[str, float]:
-    used = dict.fromkeys(_SERVING_PROCESSES, 0.0)
+    used = dict.fromkeys([*_SERVING_PROCESSES, ENGINE_CORE], 0.0)
     for pid, (role, cpu) in after.items():
         if pid in before:
             used[role] += cpu - before[pid][1]
