@@ -16,8 +16,8 @@ Life of a constrained request:
   with llguidance's reason, before anything is queued;
 * the engine's :class:`GrammarCompiler` turns the spec into an ``LLMatcher`` for the model's
   vocabulary. Building one is the expensive part (lexer construction), so a pristine matcher is
-  cached per spec and each request gets a ``deep_copy`` (microseconds). The async engine runs
-  the compile in a worker thread, never on the engine thread;
+  cached per spec and each request gets a ``deep_copy`` (microseconds). The engine core compiles
+  in its receiver thread before it queues the request, never in the engine loop;
 * every step the sampler asks :func:`allowed_tokens` for the rows that carry a
   :class:`GrammarState`: one call into llguidance fills all their bitmasks in parallel (GIL
   released) and one ``np.unpackbits`` turns them into a [rows, V] 0/1 array, applied to the
@@ -142,7 +142,7 @@ class GrammarState:
 class GrammarCompiler:
     """Compiles specs for one model's vocabulary; pristine matchers cached per spec (LRU).
 
-    Thread-safe: the async engine compiles in worker threads while the engine thread runs."""
+    Thread-safe: the engine core compiles in its receiver thread while the engine loop runs."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...],
                  cache_size: int = 256) -> None:
@@ -167,7 +167,7 @@ class GrammarCompiler:
 
     def prepare(self, spec: StructuredOutputSpec):
         """The pristine matcher of ``spec``, compiled now unless cached (the slow part: call it
-        off the engine thread first, as ``AsyncLLM.generate`` does)."""
+        off the engine loop first, as the engine core's receiver thread does)."""
         import llguidance
 
         with self._lock:
