@@ -7,9 +7,12 @@
 # Stages, each time-boxed with `timeout` (a failed or timed-out stage does not stop the next):
 #   install  carried wheels (bench/gpu/wheels/*.whl, if any) and the repo, all --no-deps
 #   hf       greedy equality with HF transformers, engine on CUDA in float32 (tests/test_engine_vs_hf.py
-#            + tests/test_gpu_bench.py), default attention backend
-#   hf-torch the same with MISTRAL_SERVE_ATTENTION_BACKEND=torch (passed whether or not the engine
-#            reads the variable yet: see the summary line)
+#            + tests/test_gpu_bench.py), default attention backend (auto: torch for these float32,
+#            head_dim-32 models, FlashInfer having neither; the summary says what auto chose)
+#   hf-torch the same with MISTRAL_SERVE_ATTENTION_BACKEND=torch
+#   flashinfer  tests/test_attention_backends.py + test_cuda_graph_padding.py on CUDA: FlashInfer's
+#            kernels against the torch backend (bf16, head_dim 64, window and freed blocks), and
+#            CUDA-graph decode against eager decode; skipped (and said so) without flashinfer
 #   smoke    Mistral 7B v0.3 full shape, bf16, random weights: 16 tokens for 2 prompts, finite logits
 #   bench    mistral-serve bench gpu: decode ms/step vs the HBM floor, prefill, workload-64, 8 x 16K
 #   quant-int4, quant-fp8  the same decode figure (batch 1 and 64, 1K context) with int4 / fp8
@@ -33,6 +36,13 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
         "transformers==5.24.0" "safetensors==0.8.0" "mistral-common[sentencepiece]==1.13.1" \
         "pydantic==2.13.4" "huggingface-hub==2.4.0" "tqdm==4.70.1" "psutil==7.2.2" "pytest==9.0.3" \
         ${EXTRA_WHEELS:-} || exit 1
+    # FlashInfer (pyproject's `gpu` extra, same pin) without its dependencies: they include torch
+    # and several GB of nvidia-* / CUTLASS-DSL wheels the attention path never imports. What it
+    # does need: tvm-ffi (its op bindings), nvidia-ml-py (imported at start), ninja (runs the JIT build).
+    "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYV" \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d "$WHEELS" \
+        "flashinfer-python==0.7.4" "apache-tvm-ffi==0.1.15.post2" "nvidia-ml-py==13.615.71" "ninja==1.13.2" \
+        || exit 1
     rm -f "$WHEELS"/torch-*.whl "$WHEELS"/triton-*.whl "$WHEELS"/numpy-*.whl "$WHEELS"/nvidia_*.whl
     du -sh "$WHEELS"
     exit 0
@@ -120,23 +130,47 @@ stage install 60 bash -c install
 HF_TESTS=(tests/test_engine_vs_hf.py tests/test_gpu_bench.py::test_prefill_logits_close_to_hf_on_device
           --deselect tests/test_engine_vs_hf.py::test_prefill_logits_close_to_hf)
 stage hf 100 env MISTRAL_SERVE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider -rs "${HF_TESTS[@]}"
-if grep -rqs MISTRAL_SERVE_ATTENTION_BACKEND "$REPO/mistral_serve"; then
-    BACKEND_NOTE="the engine reads MISTRAL_SERVE_ATTENTION_BACKEND"
-else
-    BACKEND_NOTE="NOTE: nothing in mistral_serve/ reads MISTRAL_SERVE_ATTENTION_BACKEND yet: hf-torch ran the default backend again"
-fi
+# The engine's choice for the HF tests' models (float32, and the bf16 case; head_dim 32) and for
+# Mistral 7B (bf16, head_dim 128) under the stage's environment: the engine logs the same
+# "attention backend: NAME (why)" line at start-up.
+backends() {
+    env "$@" timeout 60 "$PY" - <<'PYEOF' 2>&1 | tail -3
+import torch
+from mistral_serve.model.attention_select import resolve_attention_backend
+for dtype, hd in (("float32", 32), ("bfloat16", 32), ("bfloat16", 128)):
+    try:
+        name, why = resolve_attention_backend("auto", torch.device("cuda"), getattr(torch, dtype), hd)
+        print(f"  {dtype}, head_dim {hd}: {name} ({why})")
+    except Exception as e:
+        print(f"  {dtype}, head_dim {hd}: ERROR {type(e).__name__}: {e}")
+PYEOF
+}
+{ echo "hf: attention backend per case:"; backends; } | tee -a "$SUMMARY"
 stage hf-torch 80 env MISTRAL_SERVE_TEST_DEVICE=cuda MISTRAL_SERVE_ATTENTION_BACKEND=torch \
     "$PY" -m pytest -q -p no:cacheprovider -rs "${HF_TESTS[@]}"
-echo "hf-torch: $BACKEND_NOTE" | tee -a "$SUMMARY"
+{ echo "hf-torch: attention backend per case:"; backends MISTRAL_SERVE_ATTENTION_BACKEND=torch; } | tee -a "$SUMMARY"
+
+# ---- (b2) FlashInfer kernels and CUDA-graph decode ------------------------------------------
+# The first FlashInfer call JIT-compiles its kernels (docs/gpu.md), cached under
+# ~/.cache/flashinfer: this stage pays for the test shapes, smoke/bench once more for head_dim 128.
+stage flashinfer 150 env MISTRAL_SERVE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider -rs \
+    tests/test_attention_backends.py tests/test_cuda_graph_padding.py
+grep -h "^SKIPPED" "$OUT_DIR/flashinfer.log" | sed 's/^/flashinfer: /' | head -3 | tee -a "$SUMMARY"
 
 # ---- (c) full-shape bf16 smoke ------------------------------------------------------------
 stage smoke 60 "$PY" -m mistral_serve.bench.gpu --device cuda --shape full --dtype bfloat16 --smoke \
     --json "$OUT_DIR/smoke.json"
+# Which attention backend ran and whether decode replayed CUDA graphs: a bench JSON's engine section.
+ran_with() {
+    "$PY" -c 'import json, sys; e = json.load(open(sys.argv[1]))["engine"]; print("attention %s, CUDA graphs %s" % (e["attention_backend"], "on" if e["cuda_graphs"] else "off"))' "$1" 2>/dev/null || echo "no engine section in $1"
+}
+echo "smoke: $(ran_with "$OUT_DIR/smoke.json")" | tee -a "$SUMMARY"
 
 # ---- (d) the benchmark --------------------------------------------------------------------
 # The JSON is rewritten after every section, so a timeout keeps the sections already measured.
 stage bench 230 "$PY" -m mistral_serve.bench.gpu --device cuda --shape full --dtype bfloat16 \
     --json "$OUT_DIR/bench-gpu.json"
+echo "bench: $(ran_with "$OUT_DIR/bench-gpu.json")" | tee -a "$SUMMARY"
 
 # ---- (e) quantized decode ------------------------------------------------------------------
 for q in int4 fp8; do

@@ -20,7 +20,9 @@ What it measures (all greedy, EOS ignored, one engine for everything):
 * **prefill tok/s**: 8 prompts of 2,048 tokens, one output token each;
 * **workload-64**: the shared offline workload (``bench engine``'s), through ``LLM.generate``.
 
-The JSON report is rewritten after every section, so a run cut short by a timeout keeps what it
+The report's ``engine`` section names the attention backend that ran and whether decode steps
+replayed CUDA graphs (``--attention-backend``, ``--enforce-eager``). The JSON report is rewritten
+after every section, so a run cut short by a timeout keeps what it
 measured. On CPU (``--device cpu --shape tiny``) the same code runs on the tiny shape, which is how
 CI exercises it (tests/test_gpu_bench.py); CPU figures say nothing about the GPU.
 """
@@ -373,6 +375,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=["none", "int8", "int4", "fp8"], default="none",
                    help="quantize the random projections (docs/quantization.md); the floor counts their bytes")
     p.add_argument("--kv-cache-memory-bytes", type=int, help="KV pool size (default: engine's)")
+    p.add_argument("--attention-backend", choices=["auto", "torch", "flashinfer"], default="auto",
+                   help="engine's attention backend (auto: flashinfer on CUDA in bf16/fp16 when installed)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--bandwidth-tbs", type=float, help="HBM bandwidth in TB/s (default: from the GPU's name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
@@ -431,7 +436,8 @@ def run(a: argparse.Namespace) -> dict:
             Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
 
     engine_args = {"dtype": dtype, "device": device.type, "max_num_batched_tokens": a.max_num_batched_tokens,
-                   "gpu_memory_utilization": a.gpu_memory_utilization, "quantization": a.quantization}
+                   "gpu_memory_utilization": a.gpu_memory_utilization, "quantization": a.quantization,
+                   "attention_backend": a.attention_backend, "enforce_eager": a.enforce_eager}
     if a.kv_cache_memory_bytes:
         engine_args["kv_cache_memory_bytes"] = a.kv_cache_memory_bytes
     report["engine_args"] = engine_args
@@ -446,7 +452,10 @@ def run(a: argparse.Namespace) -> dict:
         engine = llm.engine
         report["engine"] = {"build_s": time.perf_counter() - t, "kv_blocks": engine.block_manager.num_blocks,
                             "block_size": engine.args.block_size, "max_model_len": engine.max_model_len,
-                            "kv_pool_tokens": engine.block_manager.num_blocks * engine.args.block_size}
+                            "kv_pool_tokens": engine.block_manager.num_blocks * engine.args.block_size,
+                            # what ran: the attention backend and whether decode steps replay CUDA graphs
+                            "attention_backend": engine.runner.attention.name,
+                            "cuda_graphs": engine.runner.cuda_graphs}
         if device.type == "cuda":
             report["engine"]["cuda_memory_allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
         if a.smoke:
@@ -508,10 +517,14 @@ def run(a: argparse.Namespace) -> dict:
 def format_report(report: dict) -> str:
     m = report["machine"]
     if "smoke" in report:
-        return f"smoke ({report['model']['shape']} shape, {report['model']['dtype']}, {m['device']}): {report['smoke']}"
+        e = report["engine"]
+        return (f"smoke ({report['model']['shape']} shape, {report['model']['dtype']}, {m['device']}, attention "
+                f"{e['attention_backend']}, CUDA graphs {'on' if e['cuda_graphs'] else 'off'}): {report['smoke']}")
     lines = [f"{report['model']['shape']} shape, {report['model']['dtype']}, {m['device']} "
              f"({m['gpu'] or m['cpu']}), torch {m['torch']}"
-             + (f", floor at {report['hbm']['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s" if report["hbm"] else "")]
+             + (f", floor at {report['hbm']['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s" if report["hbm"] else "")
+             + f", attention {report['engine']['attention_backend']}, CUDA graphs "
+             + ("on" if report["engine"]["cuda_graphs"] else "off")]
     head = f"{'batch':>6}{'context':>9}{'ms/step':>10}{'floor ms':>10}{'x floor':>9}{'tok/s':>10}"
     lines += [head, "-" * len(head)]
     for r in report.get("decode", []) + report.get("long", []):

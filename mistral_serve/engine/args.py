@@ -33,6 +33,12 @@ class EngineArgs(BaseModel):
         "checkpoint; awq / gptq checkpoints are detected from config.json even with 'none' (docs/quantization.md)")
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV of full blocks of earlier prompts that share a prefix (vLLM's name and default)")
+    attention_backend: Literal["auto", "torch", "flashinfer"] = Field(
+        "auto", description="auto: flashinfer on CUDA in fp16/bf16 when the flashinfer package imports, else torch; "
+        "the MISTRAL_SERVE_ATTENTION_BACKEND environment variable replaces auto (model/attention_select.py)")
+    enforce_eager: bool = Field(
+        False, description="never replay CUDA graphs for decode steps (vLLM's name); graphs need CUDA and the "
+        "flashinfer backend, so on CPU they never apply")
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads on CPU (default: every core this process may run on)")
 

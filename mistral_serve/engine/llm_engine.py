@@ -73,7 +73,7 @@ class LLMEngine:
         self.max_model_len = min(args.max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
         self.runner = ModelRunner(self.model_dir, self.config, self.dtype, device, self.max_model_len, args.block_size,
-                                  args.quantization)
+                                  args.quantization, args.attention_backend, args.enforce_eager, args.max_num_seqs)
         self.quantization = self.runner.quantization
         num_blocks = self._num_kv_blocks(device)
         self.runner.allocate_kv_cache(num_blocks)
@@ -102,7 +102,9 @@ class LLMEngine:
             budget = cuda_kv_budget(total, free, self.args.gpu_memory_utilization, reserve)
         else:
             budget = CPU_DEFAULT_KV_BYTES
-        blocks = kv_blocks_for_budget(self.config, budget, self.args.block_size, dtype_bytes)
+        # One block of the budget is the model runner's scratch block (padded decode rows write
+        # there, model_runner.allocate_kv_cache), never handed out by the block manager.
+        blocks = kv_blocks_for_budget(self.config, budget, self.args.block_size, dtype_bytes) - 1
         if blocks < 1:
             raise ValueError(f"KV budget of {budget} bytes holds no block of {self.args.block_size} tokens")
         return blocks

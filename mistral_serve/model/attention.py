@@ -1,4 +1,5 @@
-"""Attention over a paged KV cache for a ragged batch, in portable PyTorch (SDPA).
+"""Attention over a paged KV cache for a ragged batch, in portable PyTorch (SDPA): the ``torch``
+backend (``TorchBackend``; the interface is ``attention_backend.py``).
 
 A step's tokens are one flat ragged batch: linear layers, RoPE and the KV-cache write run on
 all T tokens at once with no padding. Attention needs each query to see only its own
@@ -50,6 +51,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mistral_serve.model.attention_backend import AttentionBackend, KVCache, StepLayout, StepMetadata
+from mistral_serve.model.step_layout import StepGeometry, lay_out_step
+
 DECODE, CAUSAL, MASKED = "decode", "causal", "masked"
 # Decode buckets are not split while their longest member has at most this many blocks: tiny
 # buckets would only add SDPA calls (splitting at 16 blocks measured no better than at 0).
@@ -91,7 +95,7 @@ class AttentionGroup:
 
 
 @dataclass
-class AttentionMetadata:
+class AttentionMetadata(StepMetadata):
     """Everything attention needs for one step, shared by all layers."""
 
     block_size: int
@@ -100,24 +104,29 @@ class AttentionMetadata:
     sin: torch.Tensor | None
     groups: list[AttentionGroup]
 
+    def write_kv(self, kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
+        kv_cache[0].index_copy_(0, self.slot_mapping, k)
+        kv_cache[1].index_copy_(0, self.slot_mapping, v)
 
-@dataclass
-class StepLayout:
-    """``build_attention_metadata``'s result: the flat-batch order of the sequences (indices
-    into its inputs), each token's position, and the attention metadata (without RoPE)."""
-
-    order: list[int]
-    positions: torch.Tensor  # [T], on the device
-    meta: AttentionMetadata
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+               scale: float) -> torch.Tensor:
+        return paged_attention(q, k, v, kv_cache[0], kv_cache[1], self, scale)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+class TorchBackend(AttentionBackend):
+    """The portable path: a cache of slots [num_blocks * block_size, KVH, D] per K and V, SDPA
+    groups built on the host (``metadata_from_geometry``). No CUDA graphs: its groups, masks
+    and gathers change shape with every step."""
 
+    name = "torch"
 
-def key_start(q_start: int, sliding_window: int | None) -> int:
-    """First key position the first query of a chunk starting at ``q_start`` may see."""
-    return 0 if sliding_window is None else max(0, q_start - sliding_window + 1)
+    def kv_cache_shape(self, num_blocks: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (num_blocks * self.block_size, num_kv_heads, head_dim)
+
+    def build_metadata(self, geom: StepGeometry, graph_size: int | None = None) -> StepLayout:
+        if graph_size is not None:
+            raise ValueError("the torch attention backend has no CUDA-graph metadata")
+        return metadata_from_geometry(geom, self.device)
 
 
 def decode_buckets(num_blocks: list[int], min_split_blocks: int = MIN_SPLIT_BLOCKS) -> list[tuple[int, int]]:
@@ -166,33 +175,21 @@ def build_attention_metadata(
     ``q_len`` queries scheduled, ``block_tables`` its live physical blocks, of which the first
     holds logical block ``block_offset`` (blocks that slid out of the window were freed).
 
-    Layout: decode sequences (one query) first, longest KV first, then prefill chunks in input
-    order (consecutive masked chunks share buckets). Everything is computed on the host (all inputs are Python ints) and moved to
-    ``device`` once.
+    Layout (``step_layout.lay_out_step``): decode sequences (one query) first, longest KV first,
+    then prefill chunks in input order (consecutive masked chunks share buckets).
     """
-    n = len(q_start)
-    w = sliding_window
-    first_block = [key_start(s, w) // block_size for s in q_start]
-    ctx_end = [s + l for s, l in zip(q_start, q_len)]
-    nblocks = [(e - 1) // block_size - fb + 1 for e, fb in zip(ctx_end, first_block)]
-    decode = sorted((i for i in range(n) if q_len[i] == 1), key=lambda i: -nblocks[i])
-    order = decode + [i for i in range(n) if q_len[i] != 1]
+    geom = lay_out_step(q_start, q_len, block_offset, block_tables, block_size, sliding_window)
+    return metadata_from_geometry(geom, device, min_split_blocks)
 
-    lens = [q_len[i] for i in order]
-    tok_off = list(itertools.accumulate(lens, initial=0))
-    # One flat block table for the step (sequences in layout order) and each one's start in it.
-    tables = [block_tables[i] for i in order]
-    table_start = list(itertools.accumulate((len(t) for t in tables), initial=0))
-    flat_table = torch.tensor(list(itertools.chain.from_iterable(tables)), dtype=torch.long)
 
-    starts_t = torch.tensor([q_start[i] for i in order], dtype=torch.long)
-    lens_t = torch.tensor(lens, dtype=torch.long)
-    seq_of_token = torch.repeat_interleave(torch.arange(n), lens_t)
-    tok_off_t = torch.tensor(tok_off[:-1], dtype=torch.long)
-    positions = starts_t[seq_of_token] + torch.arange(tok_off[-1]) - tok_off_t[seq_of_token]
-    # Column of each token's block in its sequence's table, shifted to the flat table.
-    shift = [table_start[r] - block_offset[i] for r, i in enumerate(order)]
-    slot_mapping = flat_table[torch.tensor(shift, dtype=torch.long)[seq_of_token] + positions // block_size] * block_size + positions % block_size
+def metadata_from_geometry(geom: StepGeometry, device: torch.device | str = "cpu",
+                           min_split_blocks: int = MIN_SPLIT_BLOCKS) -> StepLayout:
+    """The SDPA groups of a laid-out step. Everything is computed on the host (all inputs are
+    Python ints) and moved to ``device`` once."""
+    n, w, block_size = len(geom.order), geom.sliding_window, geom.block_size
+    q_start, first_block, ctx_end, nblocks = geom.q_start, geom.first_block, geom.ctx_end, geom.nblocks
+    order, lens, tok_off, shift, flat_table = geom.order, geom.lens, geom.tok_off, geom.shift, geom.flat_table
+    decode = [i for i in order if geom.q_len[i] == 1]
 
     def gather_index(rows: list[int], nb: int) -> torch.Tensor:
         """[len(rows) * nb] physical blocks first_block .. first_block + nb - 1 of each row's
@@ -248,8 +245,8 @@ def build_attention_metadata(
         groups.append(AttentionGroup(MASKED, tok_off[rows[0]], tok_off[rows[-1] + 1], len(rows), lq_max, lk,
                                      gather_index(rows, nb).to(device), allowed[:, None].to(device),
                                      q_index, out_index))
-    meta = AttentionMetadata(block_size, slot_mapping.to(device), None, None, groups)
-    return StepLayout(order, positions.to(device), meta)
+    meta = AttentionMetadata(block_size, geom.slot_mapping.to(device), None, None, groups)
+    return StepLayout(order, geom.positions.to(device), meta)
 
 
 def paged_attention(

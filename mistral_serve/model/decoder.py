@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_serve.model.attention import AttentionMetadata, paged_attention
+from mistral_serve.model.attention_backend import KVCache, StepMetadata
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.rope import RotaryEmbedding, apply_rotary
 
@@ -44,8 +44,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        meta: StepMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
@@ -53,10 +53,9 @@ class Attention(nn.Module):
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), meta.cos, meta.sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = kv_cache
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        # The attention backend owns both the cache write and the attention (attention_backend.py).
+        meta.write_kv(kv_cache, k, v)
+        out = meta.attend(q, k, v, kv_cache, self.scale)
         return self.o_proj(out.view(t, self.q_size))
 
 
@@ -111,8 +110,8 @@ class DecoderModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+        meta: StepMetadata,
         logits_index: torch.Tensor,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
