@@ -27,6 +27,7 @@ def test_ratios_and_cpu_per_request() -> None:
     r = _ratios(ours, peer)["burst"]
     assert r == {"our_client_tok_per_s": 1.2, "our_client_ttft_p99": 0.5,
                  "vllm_client_tok_per_s": 1.1, "vllm_client_ttft_p99": 0.9}
-    before = {1: ("router", 10.0), 2: ("proxy", 5.0), 3: ("replica", 1.0)}
-    after = {1: ("router", 10.3), 2: ("proxy", 5.5), 4: ("replica", 9.0)}  # pid 3 gone, 4 new: not counted
-    assert _cpu_ms_per_request(before, after, 100) == {"proxy": 5.0, "router": 3.0, "replica": 0.0, "engine_core": 0.0}
+    before = {1: ("router", 10.0), 2: ("proxy", 5.0), 3: ("replica", 1.0), 5: ("ray_system", 2.0)}
+    after = {1: ("router", 10.3), 2: ("proxy", 5.5), 4: ("replica", 9.0), 5: ("ray_system", 2.1)}  # pid 3 gone, 4 new: not counted
+    assert _cpu_ms_per_request(before, after, 100) == {"proxy": 5.0, "router": 3.0, "replica": 0.0, "engine_core": 0.0,
+                                                       "ray_system": 1.0}

@@ -45,6 +45,15 @@ def test_app_args_shorthands_and_validation():
         AppArgs.model_validate({"admission": {"tenants": [{"name": "bad name!"}]}})
 
 
+def test_served_engine_threads_follow_the_replicas_cpus():
+    """A served engine runs on the CPUs Ray reserves for its replica unless told otherwise."""
+    assert AppArgs().engine_args("m").num_threads == 1
+    assert AppArgs.model_validate({"replicas": {"num_cpus": 4}}).engine_args("m").num_threads == 4
+    assert AppArgs.model_validate({"replicas": {"num_cpus": 0}}).engine_args("m").num_threads == 1
+    pinned = AppArgs.model_validate({"replicas": {"num_cpus": 4}, "engine": {"num_threads": 2}})
+    assert pinned.engine_args("m").num_threads == 2
+
+
 def test_repo_serve_config_args_validate():
     import yaml
 

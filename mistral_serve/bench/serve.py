@@ -16,7 +16,8 @@ Every scenario runs once untimed first (warm-up), then timed. Our own load gener
 streamed usage); with ``--peer-client`` vLLM's ``vllm bench serve`` runs the same scenario
 against the same server, so both clients' figures land in one JSON. Against our server it
 also records the CPU seconds each serving process used per request (proxy, Router,
-LLMReplica), read from /proc, which is what the served path costs beyond the engine.
+LLMReplica, its engine core, and Ray's own processes together), read from /proc: what the
+served path costs beyond the engine, on the same cores.
 
     mistral-serve bench serve --base-url http://127.0.0.1:8000 --model tiny --json out.json
     mistral-serve bench serve --side-by-side --vllm-python /tmp/vllmvenv/bin/python --json out.json
@@ -157,6 +158,11 @@ _SERVING_PROCESSES = {"proxy": "ProxyActor", "router": "ServeReplica:mistral:Rou
 # The LLMReplica's child processes: its engine core (engine/engine_core.py) and multiprocessing's
 # resource tracker.
 ENGINE_CORE = "engine_core"
+# Ray's own processes on the node (GCS, raylet, dashboard and its agents, log monitor, Serve's
+# controller): what the cluster costs beyond the serving path, on the same cores.
+RAY_SYSTEM = "ray_system"
+_RAY_SYSTEM_MARKERS = ("gcs_server", "raylet", "dashboard", "log_monitor", "DashboardAgent", "RuntimeEnvAgent",
+                       "ServeController", "monitor.py")
 
 
 def _serving_cpu() -> dict[int, tuple[str, float]]:
@@ -166,6 +172,10 @@ def _serving_cpu() -> dict[int, tuple[str, float]]:
     for p in psutil.process_iter(["cmdline"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
+            if any(m in cmd for m in _RAY_SYSTEM_MARKERS) and not any(m in cmd for m in _SERVING_PROCESSES.values()):
+                t = p.cpu_times()
+                out[p.pid] = (RAY_SYSTEM, t.user + t.system)
+                continue
             for role, marker in _SERVING_PROCESSES.items():
                 if marker in cmd:
                     for proc, proc_role in [(p, role)] + [(c, ENGINE_CORE) for c in p.children()
@@ -179,7 +189,7 @@ def _serving_cpu() -> dict[int, tuple[str, float]]:
 
 def _cpu_ms_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
                         requests: int) -> dict[str, float]:
-    used = dict.fromkeys([*_SERVING_PROCESSES, ENGINE_CORE], 0.0)
+    used = dict.fromkeys([*_SERVING_PROCESSES, ENGINE_CORE, RAY_SYSTEM], 0.0)
     for pid, (role, cpu) in after.items():
         if pid in before:
             used[role] += cpu - before[pid][1]

@@ -177,7 +177,15 @@ class AppArgs(_Strict):
         return self.served_model_name or self.model
 
     def engine_args(self, model_dir: str) -> EngineArgs:
-        return EngineArgs(model=str(model_dir), **self.engine)
+        """The replica's engine arguments. A served engine's CPU threads default to the CPUs Ray
+        reserves for the replica (``replicas.num_cpus``, at least 1), not to every core as
+        offline: the Router, the replica's own loop and Ray share the machine, and an engine whose
+        OpenMP threads outnumber its cores stalls at every barrier a preempted thread holds
+        (2-core machine, tiny model, burst of 128 streams: 1 thread 1,607-1,658 output tok/s and
+        36 ms engine CPU per request, 2 threads 1,347-1,500 and 59-63 ms; docs/serving.md)."""
+        engine = dict(self.engine)
+        engine.setdefault("num_threads", max(1, round(self.replicas.num_cpus)))
+        return EngineArgs(model=str(model_dir), **engine)
 
     @property
     def max_num_seqs(self) -> int:
