@@ -27,7 +27,10 @@ def test_streams_match_offline_results(engine, tiny_model_dir):
 
     async def one(i):
         ids, text = [], ""
+        prompt_ids = engine.tokenizer.encode(prompts[i])
         async for out in engine.generate(prompts[i], params, f"s{i}"):
+            # The core sends deltas without the prompt; every output still carries it.
+            assert out.prompt_token_ids == prompt_ids
             ids += out.outputs[0].token_ids
             text += out.outputs[0].text
         assert out.finished and out.metrics.num_generation_tokens == 25

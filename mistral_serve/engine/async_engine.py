@@ -56,7 +56,9 @@ class AsyncLLM:
         self._progress_time = time.monotonic()
         self._routing_keys: list[int] = []
         self._send_lock = threading.Lock()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}
+        # request id -> (its loop, its queue, streaming?, its prompt ids: put back on each output,
+        # which the engine core sends without them)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool, list[int]]] = {}
         # Non-streaming requests: deltas after the first, merged until the request finishes.
         self._held: dict[str, RequestOutput | None] = {}
         self._aborts: dict[int, asyncio.Future] = {}
@@ -101,7 +103,7 @@ class AsyncLLM:
             raise RequestError(f"request id {request_id!r} is already in use")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (loop, queue, stream)
+        self._streams[request_id] = (loop, queue, stream, ids)
         finished = False
         try:
             self._send(core.AddRequest(request_id, ids, params, priority))
@@ -239,7 +241,7 @@ class AsyncLLM:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            loop, queue, streaming = stream
+            loop, queue, streaming, out.prompt_token_ids = stream
             if not streaming:
                 if out.request_id in self._held:  # the first output went out already
                     held = self._held[out.request_id]

@@ -100,6 +100,9 @@ class CoreStarted:
 
 @dataclass(slots=True)
 class StepReport:
+    """One step's deltas. Their ``prompt_token_ids`` are left empty (``without_prompts``): the
+    async engine sent the prompt and puts it back, so no step pickles O(context) per request."""
+
     outputs: list[RequestOutput]
     stats: EngineStats
     progress_time: float  # time.monotonic() (one clock for all processes) of the latest progress
@@ -115,7 +118,14 @@ class RequestFailed:
 @dataclass(slots=True)
 class AbortDone:
     token: int
-    output: RequestOutput | None
+    output: RequestOutput | None  # as StepReport's, without the prompt
+
+
+def without_prompts(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """``outputs`` (fresh objects of this step) with the prompt left out for the pipe."""
+    for out in outputs:
+        out.prompt_token_ids = []
+    return outputs
 
 
 @dataclass(slots=True)
@@ -240,7 +250,7 @@ class EngineCore:
             elif isinstance(cmd, AbortRequest):
                 out = self.engine.abort_request(cmd.request_id)
                 if cmd.token is not None:
-                    answers.append(AbortDone(cmd.token, out))
+                    answers.append(AbortDone(cmd.token, without_prompts([out])[0] if out is not None else None))
                 elif out is not None:
                     aborted.append(out)
             elif isinstance(cmd, Shutdown):
@@ -258,5 +268,5 @@ class EngineCore:
             keys = self.engine.block_manager.routing_keys()
             self._routing_sent_at = now
         stats = self.engine.stats.snapshot(alive=True, seconds_since_progress=0.0)
-        self._send(StepReport(outputs, stats, now, keys))
+        self._send(StepReport(without_prompts(outputs), stats, now, keys))
 

@@ -283,8 +283,7 @@ class LLMEngine:
         text = seq.detokenizer.take_delta(seq_finished) if seq.detokenizer else ""
         metrics = _request_metrics(group or [seq]) if finished else None
         completion = CompletionOutput(seq.index, text, new_ids, seq.finish_reason, seq.stop_reason, new_logprobs)
-        prompt_ids = seq.token_ids[: seq.prompt_len]
-        return RequestOutput(seq.parent_id, prompt_ids, [completion], finished, metrics, seq.num_cached_tokens,
+        return RequestOutput(seq.parent_id, seq.prompt_token_ids, [completion], finished, metrics, seq.num_cached_tokens,
                              prompt_logprobs=prompt_logprobs)
 
     def _refresh_gauges(self) -> None:

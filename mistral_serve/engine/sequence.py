@@ -64,6 +64,8 @@ class Sequence:
         self.request_id = request_id
         self.prompt_len = len(prompt_token_ids)
         self.token_ids: list[int] = list(prompt_token_ids)
+        # The prompt once, shared by every output of the request (never copied per token).
+        self.prompt_token_ids: list[int] = self.token_ids[: self.prompt_len]
         self.params = params
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
         self.stop_ids = frozenset(params.stop_token_ids) | frozenset(self.eos_token_ids)
