@@ -40,7 +40,8 @@ class EngineArgs(BaseModel):
         False, description="never replay CUDA graphs for decode steps (vLLM's name); graphs need CUDA and the "
         "flashinfer backend, so on CPU they never apply")
     num_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads on CPU (default: every core this process may run on)")
+        None, ge=1, description="torch intra-op threads on CPU (default: every core this process may run on; "
+        "served by mistral-serve: the replica's replicas.num_cpus, serving/config.py)")
 
     def cpu_threads(self) -> int:
         """The intra-op threads the engine sets on CPU. Set explicitly, never left to torch's
