@@ -54,6 +54,65 @@ def test_served_engine_threads_follow_the_replicas_cpus():
     assert pinned.engine_args("m").num_threads == 2
 
 
+def test_colocated_engine_takes_the_routers_cpus_too():
+    """With the engine in the Router's process, its threads follow the CPUs of that process
+    (the replica's share plus the Router's, rounded up), and the Router's actor asks for both."""
+    from mistral_serve.serving.app import deployment_options
+    from mistral_serve.serving.local import replica_demand
+
+    colocated = AppArgs.model_validate({"router": {"colocate_engine": True},
+                                        "replicas": {"num_cpus": 1, "num_gpus": 1, "health_check_period_s": 3}})
+    assert colocated.engine_process_cpus == 1.25 and colocated.engine_args("m").num_threads == 2
+    _, router = deployment_options(colocated)
+    assert router["ray_actor_options"]["num_cpus"] == 1.25 and router["ray_actor_options"]["num_gpus"] == 1
+    assert router["health_check_period_s"] == 3
+    assert [d for d in replica_demand(colocated) if d[0] != "AdmissionState"] == [("Router", 1, 1.25, 1.0)]
+    separate = AppArgs.model_validate({"replicas": {"num_cpus": 1, "num_gpus": 1}})
+    assert [d[0] for d in replica_demand(separate) if d[0] != "AdmissionState"] == ["LLMReplica", "Router"]
+    assert deployment_options(separate)[1]["ray_actor_options"] == {"num_cpus": 0.25}
+
+
+@pytest.mark.parametrize("args", [{"replicas": {"num_replicas": 2}}, {"replicas": {"num_replicas": "auto"}},
+                                  {"router": {"num_replicas": 2}},
+                                  {"replicas": {"autoscaling": {"min_replicas": 1, "max_replicas": 2}}}])
+def test_colocated_engine_needs_one_router_and_one_fixed_replica(args):
+    args = {**args, "router": {**args.get("router", {}), "colocate_engine": True}}
+    with pytest.raises(ValidationError, match="colocate_engine"):
+        AppArgs.model_validate(args)
+
+
+def test_serve_colocates_the_engine_with_one_replica_unless_told_not_to():
+    from mistral_serve.serving.cli import build_args, parse_args
+
+    def colocated(argv: list[str]) -> bool:
+        return AppArgs.model_validate(build_args(parse_args(argv))).router.colocate_engine
+
+    assert colocated([])
+    assert not colocated(["--separate-replica"])
+    assert not colocated(["--replicas", "2"])
+    assert not colocated(["--args", '{"replicas": {"autoscaling": {"min_replicas": 1, "max_replicas": 2}}}'])
+    assert not colocated(["--args", '{"router": {"colocate_engine": false}}'])
+
+
+def test_a_port_left_in_time_wait_is_free_to_restart_on():
+    """A server that closed its side of a connection leaves it in TIME_WAIT; a new server binds
+    the port anyway (SO_REUSEADDR), so the pre-start check must not call it in use."""
+    import socket
+
+    from mistral_serve.serving.local import port_in_use
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    assert port_in_use(port)
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.close()  # the server closes first: its end goes to TIME_WAIT
+    client.recv(1)
+    client.close()
+    listener.close()
+    assert not port_in_use(port)
+
+
 def test_repo_serve_config_args_validate():
     import yaml
 

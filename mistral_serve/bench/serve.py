@@ -155,7 +155,8 @@ def _run_vllm_client(vllm_bin: str, base_url: str, model: str, tokenizer_dir: st
 
 _SERVING_PROCESSES = {"proxy": "ProxyActor", "router": "ServeReplica:mistral:Router",
                       "replica": "ServeReplica:mistral:LLMReplica"}
-# The LLMReplica's child processes: its engine core (engine/engine_core.py) and multiprocessing's
+# The child processes of the process hosting the engine (the LLMReplica, or the Router with
+# ``router.colocate_engine``): its engine core (engine/engine_core.py) and multiprocessing's
 # resource tracker.
 ENGINE_CORE = "engine_core"
 # Ray's own processes on the node (GCS, raylet, dashboard and its agents, log monitor, Serve's
@@ -179,7 +180,7 @@ def _serving_cpu() -> dict[int, tuple[str, float]]:
             for role, marker in _SERVING_PROCESSES.items():
                 if marker in cmd:
                     for proc, proc_role in [(p, role)] + [(c, ENGINE_CORE) for c in p.children()
-                                                          if role == "replica"]:
+                                                          if role in ("replica", "router")]:
                         t = proc.cpu_times()
                         out[proc.pid] = (proc_role, t.user + t.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied):

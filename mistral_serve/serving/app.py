@@ -1,5 +1,8 @@
 """``build_app(args)``: the Serve application — Router (ingress) → LLMReplica, plus the
-AdmissionState replica that holds the tenants' token buckets for all routers."""
+AdmissionState replica that holds the tenants' token buckets for all routers. With
+``router.colocate_engine`` there is no LLMReplica deployment: the Router runs the engine in its
+own process (in_process_replica.py) and its actor takes the replica's CPUs, GPUs, runtime env
+and health-check settings."""
 
 from __future__ import annotations
 
@@ -55,6 +58,10 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=args.admission.retry_after_s),
         "ray_actor_options": {"num_cpus": args.router.num_cpus},
     }
+    if args.router.colocate_engine:
+        router["ray_actor_options"] = {**actor, "num_cpus": args.engine_process_cpus}
+        for key in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s"):
+            router[key] = llm[key]
     return llm, router
 
 
@@ -66,6 +73,6 @@ def build_app(args: dict | AppArgs | None = None) -> serve.Application:
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     plain = parsed.model_dump(mode="json")
     llm_opts, router_opts = deployment_options(parsed)
-    llm = LLMReplica.options(**llm_opts).bind(plain)
+    llm = None if parsed.router.colocate_engine else LLMReplica.options(**llm_opts).bind(plain)
     state = AdmissionState.bind(plain) if parsed.admission.shared_state else None
     return Router.options(**router_opts).bind(llm, state, plain)

@@ -41,6 +41,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="LLMReplica replicas (one engine each)")
+    p.add_argument("--separate-replica", action="store_true",
+                   help="run the engine in an LLMReplica deployment of its own even with one replica, as `serve "
+                        "deploy` does (default with --replicas 1: the engine runs in the Router's process, "
+                        "router.colocate_engine)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (1 for production)")
     p.add_argument("--num-cpus", type=float, default=None, help="logical CPUs per replica (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -98,6 +102,13 @@ def build_args(a: argparse.Namespace) -> dict:
     if a.num_cpus is not None:
         replicas["num_cpus"] = a.num_cpus
     args["replicas"] = replicas
+    router = dict(args.get("router") or {})
+    if a.separate_replica:
+        router["colocate_engine"] = False
+    else:  # one Router and one fixed replica: nothing to route between, so no Ray hop on the token path
+        router.setdefault("colocate_engine", a.replicas == 1 and router.get("num_replicas", 1) == 1
+                          and not replicas.get("autoscaling") and not replicas.get("autoscaling_config"))
+    args["router"] = router
     if a.gpu_price_usd_per_hour is not None:
         args.setdefault("cost", {})["gpu_price_usd_per_hour"] = a.gpu_price_usd_per_hour
     if a.api_keys_file:

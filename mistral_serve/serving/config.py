@@ -15,6 +15,7 @@ shares stay right either way.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,6 +136,12 @@ class RouterConfig(_Strict):
         True, description="`mistral-serve serve` with one Router: the Router answers HTTP on the server's port itself "
                           "(Ray's direct ingress), so streamed tokens skip the proxy hop; `serve deploy` and KubeRay keep "
                           "Ray's proxy")
+    colocate_engine: bool = Field(
+        False, description="run the one engine inside the Router's process (serving/in_process_replica.py) instead "
+                           "of an LLMReplica deployment: no Ray message per request or per streamed chunk, and the "
+                           "Router's actor takes the replica's CPUs and GPUs. Needs one Router and one fixed "
+                           "replica (no autoscaling); `mistral-serve serve` turns it on in that case, `serve deploy` "
+                           "and KubeRay keep separate replicas")
 
 
 class AppArgs(_Strict):
@@ -170,21 +177,38 @@ class AppArgs(_Strict):
         self.engine_args("placeholder")  # raises ValidationError for a bad engine field
         return self
 
+    @model_validator(mode="after")
+    def _check_colocation(self) -> AppArgs:
+        r = self.replicas
+        if self.router.colocate_engine and (self.router.num_replicas != 1 or r.num_replicas != 1
+                                            or r.autoscaling is not None or r.autoscaling_config):
+            raise ValueError("router.colocate_engine needs one Router and one replica without autoscaling "
+                             "(router.num_replicas: 1, replicas.num_replicas: 1)")
+        return self
+
     # ---- derived -------------------------------------------------------------------------------
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
+    @property
+    def engine_process_cpus(self) -> float:
+        """The CPUs Ray reserves for the process that hosts the engine: the LLMReplica's, or,
+        with ``router.colocate_engine``, the Router's, which then holds the replica's share too."""
+        return self.replicas.num_cpus + (self.router.num_cpus if self.router.colocate_engine else 0.0)
+
     def engine_args(self, model_dir: str) -> EngineArgs:
         """The replica's engine arguments. A served engine's CPU threads default to the CPUs Ray
-        reserves for the replica (``replicas.num_cpus``, at least 1), not to every core as
-        offline: the Router, the replica's own loop and Ray share the machine, and an engine whose
-        OpenMP threads outnumber its cores stalls at every barrier a preempted thread holds
-        (2-core machine, tiny model, burst of 128 streams: 1 thread 1,607-1,658 output tok/s and
-        36 ms engine CPU per request, 2 threads 1,347-1,500 and 59-63 ms; docs/serving.md)."""
+        reserves for the process hosting it (``engine_process_cpus`` rounded up, at least 1), not
+        to every core as offline: the Router, the replica's own loop and Ray share the machine,
+        and an engine whose OpenMP threads outnumber its cores stalls at every barrier a preempted
+        thread holds (2-core machine, tiny model, burst of 128 streams, a separate LLMReplica:
+        1 thread 1,607-1,658 output tok/s, 2 threads 1,347-1,500). With the engine in the
+        Router's process (1 + 0.25 CPUs: 2 threads) the serving path leaves the second core
+        mostly free and 2 threads win (docs/serving.md)."""
         engine = dict(self.engine)
-        engine.setdefault("num_threads", max(1, round(self.replicas.num_cpus)))
+        engine.setdefault("num_threads", max(1, math.ceil(self.engine_process_cpus - 1e-9)))
         return EngineArgs(model=str(model_dir), **engine)
 
     @property

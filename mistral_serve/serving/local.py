@@ -53,8 +53,11 @@ def replica_demand(parsed) -> list[tuple[str, int, float, float]]:
         n = r.num_replicas
     else:  # "auto": Ray's autoscaling defaults start at min_replicas = 1
         n = 1
-    out = [("LLMReplica", int(n), float(r.num_cpus), float(r.num_gpus)),
-           ("Router", parsed.router.num_replicas, float(parsed.router.num_cpus), 0.0)]
+    if parsed.router.colocate_engine:  # one Router holding the engine (app.py)
+        out = [("Router", 1, float(parsed.engine_process_cpus), float(r.num_gpus))]
+    else:
+        out = [("LLMReplica", int(n), float(r.num_cpus), float(r.num_gpus)),
+               ("Router", parsed.router.num_replicas, float(parsed.router.num_cpus), 0.0)]
     if parsed.admission.shared_state:
         out.append(("AdmissionState", 1, 0.0, 0.0))  # num_cpus=0 (router.py)
     return out  # Serve's controller and proxy actors take 0 CPUs
@@ -170,7 +173,11 @@ class _DropLine(logging.Filter):
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on host:port. SO_REUSEADDR as the servers themselves bind
+    (asyncio, uvicorn): connections of a stopped server left in TIME_WAIT (~60 s after a load
+    test) do not keep a restart from binding, so they must not fail this check either."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

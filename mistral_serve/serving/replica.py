@@ -220,21 +220,25 @@ class LLMReplica:
 
     async def _messages(self, rid: str, outputs, acc: _Accumulator, stream: bool):
         """Messages of one request. Streaming: the first token at once, then at most one message
-        per interval. Non-streaming: the first token (the Router's start signal), then the final
+        per interval, and the last one as soon as the request ends. Non-streaming: the first token (the Router's start signal), then the final
         message. A pump task owns the engine stream so that neither waiting out the interval nor
         our own cancellation cancels it: on an early exit we abort the request ourselves first,
         which returns its final output (its compute), then stop the pump."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        ended = asyncio.Event()  # the last output (or an error) is queued: a pacing wait ends early
 
         async def pump() -> None:
             try:
                 async for out in outputs:
                     queue.put_nowait(out)
+                    if out.finished:
+                        ended.set()
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - delivered to the consumer below
                 queue.put_nowait(exc)
+                ended.set()
 
         task = loop.create_task(pump())
         pacer = self.pacer if stream else None
@@ -248,7 +252,11 @@ class LLMReplica:
                 if pacer is not None and not acc.finished and not first:
                     wait = last_sent + pacer.interval_s() - loop.time()
                     if wait > 0:
-                        await asyncio.sleep(wait)
+                        # The final message is not held back to the interval: a finished
+                        # request's slot (a client's concurrency, a batch seat) frees at once.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(wait):
+                                await ended.wait()
                         _drain(queue, acc)
                 if acc.finished:
                     for msg in self._final_messages(acc):

@@ -1,6 +1,7 @@
-"""The replica client: one request's call to an LLMReplica through a streaming handle, as an
-async iterator of typed wire messages (wire.py), with deadlines and Ray's errors mapped to
-``AdmissionError``s in OpenAI's error shape.
+"""The replica client: one request's call to an LLMReplica, through a streaming handle
+(``ray_calls``) or in the Router's process (in_process_replica.py), as an async iterator of
+typed wire messages (wire.py), with deadlines and Ray's errors mapped to ``AdmissionError``s in
+OpenAI's error shape.
 
 A replica that fails before the request's first message costs the client nothing but time:
 ``ReplicaClient.start`` tries again on another replica (up to ``START_ATTEMPTS``), avoiding the
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -56,9 +58,23 @@ class ReplicaCall:
         self._gen.cancel()
 
 
+class MessageStream(Protocol):
+    """One started replica call, as Serve's streaming ``DeploymentResponseGenerator`` is one."""
+
+    def __anext__(self): ...  # awaitable: the next wire message
+
+    def cancel(self) -> None: ...
+
+
+def ray_calls(llm: DeploymentHandle) -> Callable[[GenerateRequest], MessageStream]:
+    """The call opener for an LLMReplica deployment: a streaming ``generate`` call per request."""
+    return llm.options(stream=True).generate.remote  # made once: options() builds a new handle
+
+
 class ReplicaClient:
-    def __init__(self, llm: DeploymentHandle, admission: AdmissionConfig, retry_after: Callable[[], float]) -> None:
-        self._stream = llm.options(stream=True)  # made once: options() builds a new handle
+    def __init__(self, open_call: Callable[[GenerateRequest], MessageStream], admission: AdmissionConfig,
+                 retry_after: Callable[[], float]) -> None:
+        self._open_call = open_call
         self.adm = admission
         self._retry_after = retry_after  # the gate's Retry-After for overload refusals
 
@@ -66,7 +82,7 @@ class ReplicaClient:
         """Send ``req`` and wait for its first message (by ``start_deadline``: waiting longer
         means the server is overloaded), retrying on another replica if one fails first."""
         for attempt in range(1, START_ATTEMPTS + 1):
-            gen = self._stream.generate.remote(req)
+            gen = self._open_call(req)
             try:
                 return ReplicaCall(self, gen, await self.receive(gen, start_deadline, queued=True))
             except ReplicaFailedError as exc:

@@ -39,7 +39,8 @@ from mistral_serve.serving.openai_protocol import (
 )
 from mistral_serve.serving.preprocess import PreparedRequest, Preprocessor, read_json
 from mistral_serve.serving.redact import redact
-from mistral_serve.serving.replica_client import ReplicaCall, ReplicaClient
+from mistral_serve.serving.in_process_replica import in_process_calls, start_in_process_replica
+from mistral_serve.serving.replica_client import ReplicaCall, ReplicaClient, ray_calls
 from mistral_serve.serving.responses import ResponseShape, SSEStream, collect
 from mistral_serve.serving.tenants import build_tenants
 from mistral_serve.serving.tickets import Admission, Ticket
@@ -109,7 +110,9 @@ def _abandon(call: ReplicaCall, ticket: Ticket) -> None:
 @serve.deployment(name=ROUTER_DEPLOYMENT)
 @serve.ingress(api)
 class Router:
-    async def __init__(self, llm: DeploymentHandle, state: DeploymentHandle | None, args: dict) -> None:
+    async def __init__(self, llm: DeploymentHandle | None, state: DeploymentHandle | None, args: dict) -> None:
+        """``llm``: the LLMReplica deployment, or None with ``router.colocate_engine`` (the engine
+        then runs in this process: in_process_replica.py)."""
         self.args = AppArgs.model_validate(args)
         adm = self.adm = self.args.admission
         self.model_name = self.args.model_name
@@ -132,7 +135,11 @@ class Router:
         except Exception:  # noqa: BLE001 - metrics must never keep the router from serving
             logger.exception("Router: metrics disabled")
         self.admission = Admission(gate, limits, state if adm.shared_state else None, self.metrics)
-        self.replicas = ReplicaClient(llm, adm, gate.retry_after)
+        # The in-process replica (router.colocate_engine), started last: a bad argument above
+        # fails before an engine is built.
+        self.local_replica = await start_in_process_replica(args) if llm is None else None
+        open_call = ray_calls(llm) if llm is not None else in_process_calls(self.local_replica)
+        self.replicas = ReplicaClient(open_call, adm, gate.retry_after)
         self.draining = False
         self._manual_drain = False
         self._created = int(time.time())
@@ -140,7 +147,7 @@ class Router:
             app_name = serve.get_replica_context().app_name
         except Exception:  # noqa: BLE001
             app_name = None
-        self.cluster = ClusterStatus(app_name, self._on_cluster_change)
+        self.cluster = ClusterStatus(app_name, self._on_cluster_change, engine_in_process=self.local_replica is not None)
         self._poll_task = asyncio.get_running_loop().create_task(self._status_loop())
         logger.info("Router ready: model=%s max_model_len=%d tenants=%s auth=%s anonymous=%s shared_state=%s",
                     self.model_name, self.max_model_len, sorted(limits), self.auth_enabled,
@@ -201,12 +208,25 @@ class Router:
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, chat=True)
 
+    async def check_health(self) -> None:
+        """Serve's health check: with the engine in this process, the replica's (a dead or
+        wedged engine fails it, and Serve replaces this Router and its engine)."""
+        if self.local_replica is not None:
+            await self.local_replica.check_health()
+
     # ---- operator hooks (via a handle: serve.get_app_handle(app).set_draining.remote(True)) --
 
     async def set_draining(self, draining: bool) -> bool:
         self._manual_drain = bool(draining)
         self._refresh_draining()
         return self.draining
+
+    async def replica_stats(self) -> dict:
+        """With the engine in this process: ``LLMReplica.stats`` of it (what a separate replica
+        answers through its own handle)."""
+        if self.local_replica is None:
+            raise RuntimeError("the engine runs in LLMReplica replicas: ask their handle for stats")
+        return await self.local_replica.stats()
 
     async def admission_snapshot(self) -> dict:
         snap = await self.admission.snapshot()

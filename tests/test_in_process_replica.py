@@ -1,0 +1,70 @@
+"""The LLMReplica logic driven in-process (serving/in_process_replica.py), as the Router runs it
+with ``router.colocate_engine``: a real engine on the tiny model, no Ray cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from mistral_serve.engine.sampling_params import SamplingParams
+from mistral_serve.serving.in_process_replica import InProcessCall, start_in_process_replica
+from mistral_serve.serving.wire import Delta, Final, GenerateRequest
+
+INTERVAL_MS = 3000.0  # a pacing interval far longer than the whole request
+
+
+def _args(model_dir) -> dict:
+    return {"model": str(model_dir),
+            "engine": {"device": "cpu", "dtype": "float32", "max_num_seqs": 4, "max_model_len": 256,
+                       "kv_cache_memory_bytes": 16 << 20},
+            "replicas": {"stream_interval_ms": INTERVAL_MS, "stream_max_interval_ms": INTERVAL_MS}}
+
+
+def _request(rid: str, max_tokens: int) -> GenerateRequest:
+    return GenerateRequest(rid, [1, 100, 200, 300], SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                   ignore_eos=True), stream=True)
+
+
+def test_stream_ends_without_waiting_out_the_pacing_interval(tiny_model_dir):
+    """The first token goes at once; the last message goes when the request ends, not at the
+    next pacing tick (a closed-loop client would otherwise wait for it with its slot held)."""
+
+    async def run():
+        replica = await start_in_process_replica(_args(tiny_model_dir))
+        try:
+            t0 = time.monotonic()
+            call = InProcessCall(replica, _request("r1", 6))
+            messages = [await call.__anext__()]
+            while not isinstance(messages[-1], Final):
+                messages.append(await call.__anext__())
+            return messages, time.monotonic() - t0
+        finally:
+            replica.engine.shutdown()
+
+    messages, elapsed = asyncio.run(run())
+    assert isinstance(messages[0], Delta) and messages[0].num_tokens == 1
+    assert sum(m.num_tokens for m in messages) == 6 and messages[-1].completion_tokens == 6
+    assert elapsed < INTERVAL_MS / 1000 / 2, f"the final message waited for the pacing interval ({elapsed:.2f} s)"
+
+
+def test_cancel_aborts_the_engine_request(tiny_model_dir):
+    async def run():
+        replica = await start_in_process_replica(_args(tiny_model_dir))
+        try:
+            call = InProcessCall(replica, _request("r2", 200))
+            first = await call.__anext__()
+            running = (await replica.stats())["num_running"]
+            call.cancel()
+            for _ in range(200):
+                stats = await replica.stats()
+                if stats["num_running"] == 0 and stats["ongoing"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return first, running, stats
+        finally:
+            replica.engine.shutdown()
+
+    first, running, stats = asyncio.run(run())
+    assert isinstance(first, Delta) and running == 1
+    assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0 and stats["ongoing"] == 0, stats
+    assert stats["generation_tokens"] < 200
