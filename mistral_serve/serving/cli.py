@@ -105,9 +105,10 @@ def build_args(a: argparse.Namespace) -> dict:
     router = dict(args.get("router") or {})
     if a.separate_replica:
         router["colocate_engine"] = False
-    else:  # one Router and one fixed replica: nothing to route between, so no Ray hop on the token path
-        router.setdefault("colocate_engine", a.replicas == 1 and router.get("num_replicas", 1) == 1
-                          and not replicas.get("autoscaling") and not replicas.get("autoscaling_config"))
+    elif "colocate_engine" not in router:  # one engine: no Ray hop on the token path (AppArgs.single_engine)
+        from mistral_serve.serving.config import AppArgs
+
+        router["colocate_engine"] = AppArgs.model_validate({**args, "router": router}).single_engine
     args["router"] = router
     if a.gpu_price_usd_per_hour is not None:
         args.setdefault("cost", {})["gpu_price_usd_per_hour"] = a.gpu_price_usd_per_hour

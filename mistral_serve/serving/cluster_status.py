@@ -40,7 +40,7 @@ class ClusterStatus:
             if app is None:
                 return
             deps = app.deployments
-            if LLM_DEPLOYMENT in deps and not self.engine_in_process:
+            if LLM_DEPLOYMENT in deps:
                 self.ready_replicas = int(deps[LLM_DEPLOYMENT].replica_states.get("RUNNING", 0))
             if ROUTER_DEPLOYMENT in deps:
                 self.num_routers = max(1, int(deps[ROUTER_DEPLOYMENT].replica_states.get("RUNNING", 0)))

@@ -179,9 +179,7 @@ class AppArgs(_Strict):
 
     @model_validator(mode="after")
     def _check_colocation(self) -> AppArgs:
-        r = self.replicas
-        if self.router.colocate_engine and (self.router.num_replicas != 1 or r.num_replicas != 1
-                                            or r.autoscaling is not None or r.autoscaling_config):
+        if self.router.colocate_engine and not self.single_engine:
             raise ValueError("router.colocate_engine needs one Router and one replica without autoscaling "
                              "(router.num_replicas: 1, replicas.num_replicas: 1)")
         return self
@@ -191,6 +189,14 @@ class AppArgs(_Strict):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    @property
+    def single_engine(self) -> bool:
+        """One Router and one fixed replica (no autoscaling): nothing to route between, so the
+        engine may run in the Router's process (``router.colocate_engine``)."""
+        r = self.replicas
+        return (self.router.num_replicas == 1 and r.num_replicas == 1 and r.autoscaling is None
+                and not r.autoscaling_config)
 
     @property
     def engine_process_cpus(self) -> float:

@@ -220,8 +220,8 @@ class LLMReplica:
 
     async def _messages(self, rid: str, outputs, acc: _Accumulator, stream: bool):
         """Messages of one request. Streaming: the first token at once, then at most one message
-        per interval, and the last one as soon as the request ends. Non-streaming: the first token (the Router's start signal), then the final
-        message. A pump task owns the engine stream so that neither waiting out the interval nor
+        per interval, and the last one as soon as the request ends. Non-streaming: the first
+        token (the Router's start signal), then the final message. A pump task owns the engine stream so that neither waiting out the interval nor
         our own cancellation cancels it: on an early exit we abort the request ourselves first,
         which returns its final output (its compute), then stop the pump."""
         queue: asyncio.Queue = asyncio.Queue()
