@@ -84,7 +84,8 @@ def test_policy_args_validate_and_build_ray_config():
         "max_replicas": 3, "look_back_period_s": 4, "metrics_interval_s": 0.5, "target_utilization": 0.75}}})
     cfg = a.replicas.autoscaling.ray_config(a.max_num_seqs)
     assert cfg["policy"] == {"policy_function": POLICY_IMPORT_PATH, "policy_kwargs": {
-        "batch_capacity": 8, "target_utilization": 0.75, "kv_full_threshold": 0.95, "count_handle_queue": True}}
+        "batch_capacity": 8, "target_utilization": 0.75, "kv_full_threshold": 0.95, "count_handle_queue": True,
+        "hold_while_starting_s": 300.0}}
     assert (cfg["min_replicas"], cfg["max_replicas"]) == (1, 3)
     for bad in ({"min_replicas": 3, "max_replicas": 2}, {"min_replicas": 0},
                 {"look_back_period_s": 5, "metrics_interval_s": 10},
@@ -111,7 +112,7 @@ def test_policy_through_rays_wrapper_delays_and_bounds():
     dep = DeploymentID(name="LLMReplica", app_name="t")
     ids = [ReplicaID(unique_id=f"r{i}", deployment_id=dep) for i in range(3)]
 
-    def ctx(n_running, target, depth, state, handle_requests=None):
+    def ctx(n_running, target, depth, state, handle_requests=None, config=config):
         stats = _stats({ids[i]: (max(0.0, depth - 4), min(4.0, depth), 4, 0.2) for i in range(n_running)})
         return AutoscalingContext(
             deployment_id=dep, deployment_name="LLMReplica", app_name="t", current_num_replicas=n_running,
@@ -127,12 +128,28 @@ def test_policy_through_rays_wrapper_delays_and_bounds():
     time.sleep(0.35)
     n, state = policy(ctx(1, 1, 12, state))
     assert n == 3
-    n, state = policy(ctx(3, 3, 0, state))  # drained: wants down, the delay holds
+    # Two of the three still starting while the one running reports little demand (the
+    # Routers' admission caps it): the target holds, past the downscale delay.
+    for _ in range(3):
+        n, state = policy(ctx(1, 3, 1, state))
+        assert n == 3
+        time.sleep(0.3)
+    n, state = policy(ctx(3, 3, 0, state))  # all running, drained: wants down, the delay holds
     assert n == 3
     time.sleep(0.65)
     n, state = policy(ctx(3, 3, 0, state))
     assert n == 1  # Ray never goes below 1 except 1 -> 0; the controller clamps to min_replicas
     assert state["queue_depth"]["reporting_replicas"] == 3.0
+    # A replica that never starts does not pin the target past hold_while_starting_s.
+    stuck = QueueDepthAutoscaling(max_replicas=3, downscale_delay_s=0, look_back_period_s=2, metrics_interval_s=0.5,
+                                  hold_while_starting_s=0.3)
+    stuck_config = AutoscalingConfig(**stuck.ray_config(batch_capacity=4))
+    stuck_policy = _apply_autoscaling_config(_resolve_policy_callable(stuck_config.policy))
+    n, state = stuck_policy(ctx(1, 3, 0, {}, config=stuck_config))
+    assert n == 3
+    time.sleep(0.35)
+    n, state = stuck_policy(ctx(1, 3, 0, state, config=stuck_config))
+    assert n == 1
     # Zero replicas and a request waiting at a handle: Ray's cold-start path, no delay.
     assert policy(ctx(0, 0, 0, {}, handle_requests=1.0))[0] == 1
     assert policy(ctx(0, 0, 0, {}, handle_requests=0.0))[0] == 0
@@ -150,7 +167,7 @@ LOOK_BACK_S = 3.0
 MAX_TOKENS = 64
 HEAVY_CLIENTS = 10
 LIGHT_S = 8.0
-UP_DEADLINE_S = 60.0
+UP_DEADLINE_S = 90.0  # replica starts take 15-35 s on a loaded 2-core machine
 DOWN_DEADLINE_S = 60.0
 MAX_REQUESTS = 1500
 

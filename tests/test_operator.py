@@ -103,13 +103,17 @@ def test_token_histograms_export_exact_sums(monkeypatch):
                                         "ray_mistral_serve_request_generation_tokens_exact_sum_total"]
 
 
-def test_impossible_num_cpus_fails_fast_with_the_arithmetic():
+@pytest.mark.parametrize("flags, arithmetic", [
+    ([], "Router holding the engine (replicas.num_cpus 2 + router.num_cpus 0.25) 1 x 2.25 = 2.25 CPUs needed"),
+    (["--separate-replica"], "LLMReplica 1 x 2 + Router 1 x 0.25 = 2.25 CPUs needed"),
+])
+def test_impossible_num_cpus_fails_fast_with_the_arithmetic(flags, arithmetic):
     t0 = time.monotonic()
-    proc = subprocess.run(_cli() + ["--num-cpus", "2", "--ray-cpus", "2", "--port", "9310", "--metrics-port", "9410"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(_cli() + ["--num-cpus", "2", "--ray-cpus", "2", "--port", "9310", "--metrics-port", "9410",
+                                    *flags], capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "LLMReplica 1 x 2 + Router 1 x 0.25 = 2.25 CPUs needed, but the local Ray (num_cpus=2) has 2" in proc.stderr
+    assert f"{arithmetic}, but the local Ray (num_cpus=2) has 2" in proc.stderr, proc.stderr
     assert elapsed < 30, elapsed  # mostly interpreter + import time; Ray is never started
     assert "Traceback" not in proc.stderr
 

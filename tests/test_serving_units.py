@@ -66,7 +66,8 @@ def test_colocated_engine_takes_the_routers_cpus_too():
     _, router = deployment_options(colocated)
     assert router["ray_actor_options"]["num_cpus"] == 1.25 and router["ray_actor_options"]["num_gpus"] == 1
     assert router["health_check_period_s"] == 3
-    assert [d for d in replica_demand(colocated) if d[0] != "AdmissionState"] == [("Router", 1, 1.25, 1.0)]
+    assert [d for d in replica_demand(colocated) if d[0] != "AdmissionState"] == [
+        ("Router holding the engine (replicas.num_cpus 1 + router.num_cpus 0.25)", 1, 1.25, 1.0)]
     separate = AppArgs.model_validate({"replicas": {"num_cpus": 1, "num_gpus": 1}})
     assert [d[0] for d in replica_demand(separate) if d[0] != "AdmissionState"] == ["LLMReplica", "Router"]
     assert deployment_options(separate)[1]["ray_actor_options"] == {"num_cpus": 0.25}

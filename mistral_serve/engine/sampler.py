@@ -271,8 +271,10 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     drop = ranks >= k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-    p = torch.tensor(top_p, dtype=probs.dtype, device=logits.device)
-    drop |= before >= p[:, None]
+    p = torch.tensor(top_p, dtype=probs.dtype, device=logits.device)[:, None]
+    # top_p 1.0 keeps everything: the float32 cumulative sum can reach 1.0 before the tail
+    # (it does on AVX2 CPUs), which ``before >= p`` alone would drop.
+    drop |= (before >= p) & (p < 1.0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 

@@ -14,7 +14,12 @@ report through ``LLMReplica.record_autoscaling_stats`` (replica.py):
     scale up    to ceil(demand / target_utilization)       when that is above the target
     scale down  to ceil(demand / downscale_utilization)    when that is below the target
                 (hysteresis: downscale_utilization < target_utilization, so a replica
-                 removed does not push the others straight back over the target)
+                 removed does not push the others straight back over the target),
+                but never while replicas of the target are still starting, for up to
+                ``hold_while_starting_s``: the demand measured meanwhile is what the running
+                replicas admitted, which the Routers' admission caps under overload, so it
+                reads low exactly when the new replicas are needed (measured: a scale-up
+                from 1 to 3 was cut back to 2 after 25 s, its replica killed while starting)
 
 Each value is the replica's mean over ``look_back_period_s`` (Ray aggregates the samples
 the replicas record every ``0.2 * look_back_period_s`` and push every
@@ -41,6 +46,7 @@ references to anything in this module but plain helpers and the standard library
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -59,6 +65,7 @@ class QueueDepthPolicy:
         downscale_utilization: float | None = None,
         kv_full_threshold: float = 0.95,
         count_handle_queue: bool = True,
+        hold_while_starting_s: float = 300.0,
     ) -> None:
         if batch_capacity < 1:
             raise ValueError(f"batch_capacity must be >= 1, got {batch_capacity}")
@@ -72,12 +79,14 @@ class QueueDepthPolicy:
         self.down = float(down)
         self.kv_full = float(kv_full_threshold)
         self.count_handle_queue = bool(count_handle_queue)
+        self.hold_while_starting_s = float(hold_while_starting_s)
 
     # The decision, separated from Ray's context object so that it is unit-testable.
     def decide(self, target: int, per_replica: dict[str, dict[Any, float]], queued_at_handles: float,
-               ongoing_at_handles: float) -> tuple[int, dict[str, float]]:
+               ongoing_at_handles: float, hold_target: bool = False) -> tuple[int, dict[str, float]]:
         """(replicas wanted before Ray's delays/bounds, what it was computed from). ``target``
-        is the controller's current target number of replicas."""
+        is the controller's current target number of replicas; ``hold_target``: some of them
+        are still starting, so the decision does not go below it."""
         depth = per_replica.get("queue_depth_per_capacity") or {}
         reported = list(depth)
         if not reported:
@@ -104,6 +113,8 @@ class QueueDepthPolicy:
         else:
             # Hysteresis: drop replicas only down to what keeps the rest under downscale_utilization.
             decision = min(target, math.ceil(demand / self.down - 1e-9))
+            if hold_target:
+                decision = target
         info = {"demand_batches": round(demand, 4), "reporting_replicas": source, "decision": float(decision)}
         return decision, info
 
@@ -126,7 +137,16 @@ class QueueDepthPolicy:
             ongoing = float(ctx.total_num_requests or 0.0)
         except Exception:  # noqa: BLE001
             ongoing = 0.0
-        decision, info = self.decide(target, per_replica, queued, ongoing)
+        # Replicas of the target not running yet: hold the target while they start (see the
+        # module docstring), but not forever: one that can never be placed must not pin it.
+        now = time.monotonic()
+        if len(running_ids) < target:
+            since = state.setdefault("starting_since", now)
+        else:
+            state.pop("starting_since", None)
+            since = now
+        hold = now - since < self.hold_while_starting_s and len(running_ids) < target
+        decision, info = self.decide(target, per_replica, queued, ongoing, hold)
         state["queue_depth"] = info
         return decision, state
 
@@ -150,6 +170,9 @@ class QueueDepthAutoscaling(BaseModel):
         None, gt=0, description="scale down only while the rest stay under this (default 0.7 x target)")
     kv_full_threshold: float = Field(0.95, gt=0, le=1, description="KV usage above which the batch is KV-bound")
     count_handle_queue: bool = Field(True, description="add requests queued at Serve handles to the demand")
+    hold_while_starting_s: float = Field(
+        300.0, ge=0, description="never scale down while replicas of the target are still starting, for up to "
+        "this long (a replica that cannot be placed must not pin the target)")
     upscale_delay_s: float = Field(30.0, ge=0, description="demand must stay above target this long")
     downscale_delay_s: float = Field(600.0, ge=0, description="demand must stay below this long")
     look_back_period_s: float = Field(30.0, gt=0, description="window the replicas' stats are averaged over")
@@ -177,6 +200,7 @@ class QueueDepthAutoscaling(BaseModel):
             "target_utilization": self.target_utilization,
             "kv_full_threshold": self.kv_full_threshold,
             "count_handle_queue": self.count_handle_queue,
+            "hold_while_starting_s": self.hold_while_starting_s,
         }
         if self.downscale_utilization is not None:
             kwargs["downscale_utilization"] = self.downscale_utilization

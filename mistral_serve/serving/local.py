@@ -54,7 +54,8 @@ def replica_demand(parsed) -> list[tuple[str, int, float, float]]:
     else:  # "auto": Ray's autoscaling defaults start at min_replicas = 1
         n = 1
     if parsed.router.colocate_engine:  # one Router holding the engine (app.py)
-        out = [("Router", 1, float(parsed.engine_process_cpus), float(r.num_gpus))]
+        name = f"Router holding the engine (replicas.num_cpus {r.num_cpus:g} + router.num_cpus {parsed.router.num_cpus:g})"
+        out = [(name, 1, float(parsed.engine_process_cpus), float(r.num_gpus))]
     else:
         out = [("LLMReplica", int(n), float(r.num_cpus), float(r.num_gpus)),
                ("Router", parsed.router.num_replicas, float(parsed.router.num_cpus), 0.0)]
