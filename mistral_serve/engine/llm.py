@@ -15,8 +15,18 @@ from mistral_serve.engine.sampling_params import SamplingParams
 Prompt = str | list[int]
 
 
+# The offline class's step budget when none is given: twice the served default (EngineArgs),
+# as vLLM splits its CPU defaults by usage context (LLM class 4096, API server 2048). Offline,
+# nobody waits on a first token: fewer, larger prefill steps finish the prompts sooner and
+# leave fewer decode steps stalled behind a prefill chunk. Workload-64 on the 2-vCPU AMD EPYC,
+# one run each: 2048 -> 1,076 output tok/s, ITL p99 286 ms, TTFT p50/p99 778/1,182 ms;
+# 4096 -> 1,181 tok/s, ITL p99 99 ms, TTFT 936/1,034 ms; 8192 no better than 4096.
+OFFLINE_MAX_NUM_BATCHED_TOKENS = 4096
+
+
 class LLM:
     def __init__(self, model: str, **engine_args) -> None:
+        engine_args.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
         self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
         self._ids = itertools.count()
 
