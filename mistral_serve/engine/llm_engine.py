@@ -66,6 +66,7 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(args.model)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer.piece_table()  # the streaming detokenizer's table (~80 ms), built before any request
         device = args.torch_device()
         if device.type == "cpu":
             torch.set_num_threads(args.cpu_threads())

@@ -10,8 +10,26 @@ checkpoint's chat template.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class PieceTable:
+    """What a sentencepiece vocabulary's ids decode to, one id at a time: a streaming
+    detokenizer (detokenizer.py) can then turn each new id into text with a table lookup
+    instead of decoding a window of ids twice per token.
+
+    ``surface``: each id's bytes (``▁`` is a space, a ``<0xNN>`` piece is that byte);
+    ``special``: ids that decode to nothing with special tokens skipped; ``word_start``: ids
+    whose piece starts with ``▁``, whose space sentencepiece drops when the piece is the first
+    text of a decode (its dummy prefix)."""
+
+    surface: list[bytes]
+    special: frozenset[int]
+    word_start: frozenset[int]
+    byte_ids: frozenset[int]  # ``<0xNN>`` pieces (byte fallback)
 
 
 class Tokenizer(ABC):
@@ -37,6 +55,11 @@ class Tokenizer(ABC):
         constrained decoding (engine/structured_output.py). Here because only the tokenizer
         knows how its pieces map to bytes. Expensive (~0.1-1 s): the caller caches it."""
 
+    def piece_table(self) -> PieceTable | None:
+        """The per-id table of a sentencepiece vocabulary (built once), or None where ids do
+        not decode independently of their neighbours this way."""
+        return None
+
 
 class MistralCommonTokenizer(Tokenizer):
     def __init__(self, path: Path) -> None:
@@ -47,9 +70,35 @@ class MistralCommonTokenizer(Tokenizer):
         self.bos_token_id = self._tok.bos_id
         self.eos_token_ids = (self._tok.eos_id,)
         self.vocab_size = self._tok.n_words
+        self._piece_table: PieceTable | None = None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self._tok.encode(text, bos=add_bos, eos=False)
+
+    def piece_table(self) -> PieceTable | None:
+        from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+
+        if not isinstance(self._tok, SentencePieceTokenizer):
+            return None  # tekken: byte-level BPE, decoded by window
+        if self._piece_table is None:
+            sp = self._tok._model
+            surface, special, word_start, byte_ids = [], set(), set(), set()
+            for i in range(sp.get_piece_size()):
+                piece = sp.id_to_piece(i)
+                if self._tok.is_special(i) or sp.is_control(i):
+                    special.add(i)
+                    surface.append(b"")
+                elif sp.is_byte(i):
+                    byte_ids.add(i)
+                    surface.append(bytes([int(piece[3:5], 16)]))
+                elif sp.is_unknown(i):
+                    surface.append(" \u2047 ".encode())  # sentencepiece's unk surface
+                else:
+                    if piece.startswith("\u2581"):
+                        word_start.add(i)
+                    surface.append(piece.replace("\u2581", " ").encode())
+            self._piece_table = PieceTable(surface, frozenset(special), frozenset(word_start), frozenset(byte_ids))
+        return self._piece_table
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
