@@ -464,7 +464,8 @@ def test_client_measures_stream():
     assert r.outcome == "ok" and r.status == 200 and r.error is None
     assert r.output_tokens == 9 and r.prompt_tokens == 3 and r.usage_reported
     assert r.chunks == 5 and len(r.itl_s) == 4  # 2 tokens per chunk: ITL is per chunk
-    assert 0.045 <= r.ttft_s < 1.0 and all(g >= 0.008 for g in r.itl_s)
+    # Four 10 ms gaps; one may read short when the kernel hands two chunks over in one read.
+    assert 0.045 <= r.ttft_s < 1.0 and all(g >= 0 for g in r.itl_s) and sum(r.itl_s) >= 0.03
     assert r.e2e_s >= r.ttft_s + sum(r.itl_s) - 1e-3
     assert r.cost_usd == pytest.approx(9e-6) and r.finish_reason == "length"
     assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 8)
