@@ -139,13 +139,12 @@ class QueueDepthPolicy:
             ongoing = 0.0
         # Replicas of the target not running yet: hold the target while they start (see the
         # module docstring), but not forever: one that can never be placed must not pin it.
-        now = time.monotonic()
         if len(running_ids) < target:
-            since = state.setdefault("starting_since", now)
+            now = time.monotonic()
+            hold = now - state.setdefault("starting_since", now) < self.hold_while_starting_s
         else:
             state.pop("starting_since", None)
-            since = now
-        hold = now - since < self.hold_while_starting_s and len(running_ids) < target
+            hold = False
         decision, info = self.decide(target, per_replica, queued, ongoing, hold)
         state["queue_depth"] = info
         return decision, state

@@ -5,9 +5,10 @@ several tokens, so decoding each new token alone would drop spaces and emit brok
 Two ways to get each new token's text, the same text either way:
 
 - ``_PieceStream`` (sentencepiece vocabularies, special tokens skipped: what completions and
-  chat send): each id's bytes from the tokenizer's ``PieceTable`` into an incremental UTF-8
-  decoder, which holds back an incomplete character. ~1 µs per token, where decoding a window
-  costs two ``decode`` calls (28 µs per token on the 2-vCPU AMD EPYC: 4% of a served step).
+  chat send): each id's text from the tokenizer's ``PieceTable``; the bytes of byte-fallback
+  pieces are gathered until they make a character, as sentencepiece decodes them. 5 µs per
+  token, where decoding a window costs two ``decode`` calls: 28 µs (2-vCPU AMD EPYC; 4% of
+  a burst-like offline run).
 - ``_DecodeWindow`` (other tokenizers, or special tokens kept as their names): decode a short
   window that starts a few tokens back and emit only the new suffix, once it no longer ends in
   U+FFFD (an incomplete character).

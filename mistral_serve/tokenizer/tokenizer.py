@@ -81,22 +81,19 @@ class MistralCommonTokenizer(Tokenizer):
         if not isinstance(self._tok, SentencePieceTokenizer):
             return None  # tekken: byte-level BPE, decoded by window
         if self._piece_table is None:
-            sp = self._tok._model
             surface, special, word_start, byte_ids = [], set(), set(), set()
-            for i in range(sp.get_piece_size()):
-                piece = sp.id_to_piece(i)
-                if self._tok.is_special(i) or sp.is_control(i):
+            for i, (kind, text) in enumerate(sentencepiece_pieces(self._tok._model)):
+                if kind == "control" or self._tok.is_special(i):
                     special.add(i)
                     surface.append(b"")
-                elif sp.is_byte(i):
-                    byte_ids.add(i)
-                    surface.append(bytes([int(piece[3:5], 16)]))
-                elif sp.is_unknown(i):
+                elif kind == "unknown":
                     surface.append(" \u2047 ".encode())  # sentencepiece's unk surface
                 else:
-                    if piece.startswith("\u2581"):
+                    if kind == "byte":
+                        byte_ids.add(i)
+                    elif text.startswith(b" "):  # pieces hold no literal spaces: this was "▁"
                         word_start.add(i)
-                    surface.append(piece.replace("\u2581", " ").encode())
+                    surface.append(text)
             self._piece_table = PieceTable(surface, frozenset(special), frozenset(word_start), frozenset(byte_ids))
         return self._piece_table
 
@@ -189,17 +186,9 @@ class _SentencePieceBytes:
         self._sp = sp
         self.eos_token_id = eos_token_ids[0]
         self.bos_token_id = sp.bos_id()
-        self.tokens: list[bytes] = []
-        self.special_token_ids: list[int] = []
-        for i in range(sp.get_piece_size()):
-            piece = sp.id_to_piece(i)
-            if sp.is_control(i) or sp.is_unknown(i):
-                self.tokens.append(piece.encode())
-                self.special_token_ids.append(i)
-            elif sp.is_byte(i):
-                self.tokens.append(bytes([int(piece[3:5], 16)]))
-            else:
-                self.tokens.append(piece.replace("\u2581", " ").encode())
+        pieces = sentencepiece_pieces(sp)
+        self.tokens: list[bytes] = [text for _, text in pieces]
+        self.special_token_ids: list[int] = [i for i, (kind, _) in enumerate(pieces) if kind in ("control", "unknown")]
         # sentencepiece puts a space before the text; after a newline (a byte token nothing
         # merges with) the rest is tokenized as at the start of a line, so strip those ids.
         self._prefix = sp.encode("\n")
@@ -210,6 +199,24 @@ class _SentencePieceBytes:
         ids = self._sp.encode("\n" + text)
         n = len(self._prefix)
         return ids[n:] if ids[:n] == self._prefix else ids
+
+
+def sentencepiece_pieces(sp) -> list[tuple[str, bytes]]:
+    """Each id of a sentencepiece model as (kind, bytes): kind is "control", "unknown", "byte"
+    or "piece"; the bytes are a control or unknown token's name, a ``<0xNN>`` piece's byte, or a
+    piece's text with ``▁`` as a space."""
+    out = []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        if sp.is_control(i):
+            out.append(("control", piece.encode()))
+        elif sp.is_unknown(i):
+            out.append(("unknown", piece.encode()))
+        elif sp.is_byte(i):
+            out.append(("byte", bytes([int(piece[3:5], 16)])))
+        else:
+            out.append(("piece", piece.replace("\u2581", " ").encode()))
+    return out
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
