@@ -7,7 +7,8 @@ prompt token ids from the workload, greedy, ``ignore_eos`` (an extra body field 
 ``max_tokens`` per request from the file, so every run produces exactly the same tokens.
 
 Order, so both see the same machine state (other processes share these 2 cores): offline runs
-with Ray down → start a local Ray + the app (one LLMReplica) → HTTP warm-up → N pairs of
+with Ray down → start a local Ray + the app (one replica, the engine in the Router's process as
+`mistral-serve serve` runs it) → HTTP warm-up → N pairs of
 (offline run with Ray idle, HTTP run: all requests at once, streamed as chat clients send them,
 or with ``--no-stream`` one body each) → stop Ray → offline runs with Ray down again. Reports
 the median of the paired ratios and the HTTP median over the Ray-down offline baseline.
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     niceness = None if a.worker_niceness == "ray" else int(a.worker_niceness)
     args = {"model": "tiny", "engine": engine,
             "replicas": {"num_replicas": 1, "num_cpus": 1, "worker_niceness": niceness},
-            "router": {"num_cpus": 0.25},
+            "router": {"num_cpus": 0.25, "colocate_engine": True},  # as `mistral-serve serve` runs one replica
             "admission": {"api_keys_env": None, "max_waiting_requests": 1024, "queue_timeout_s": 600}}
     server = start_local(args, port=free_port(), num_cpus=a.ray_cpus, quiet_ray=not a.default_ray_intervals)
     pairs = []
