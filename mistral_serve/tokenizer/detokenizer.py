@@ -30,10 +30,9 @@ _CONTEXT_TOKENS = 5
 
 class _PieceStream:
     def __init__(self, table: PieceTable, context: list[int]) -> None:
-        self.surface, self.special, self.word_start = table.surface, table.special, table.word_start
-        self.byte_ids = table.byte_ids
+        self.surface, self.word_start, self.byte_ids = table.surface, table.word_start, table.byte_ids
         # No text before the output yet: its first piece loses the space of its "▁".
-        self.at_start = not any(self.surface[t] for t in context if t not in self.special)
+        self.at_start = not any(self.surface[t] for t in context)
         self.run = bytearray()  # bytes of byte pieces not yet a whole character
         self.held = ""  # text ending in U+FFFD (invalid bytes), held as the window holds it
 
@@ -44,11 +43,10 @@ class _PieceStream:
         else:
             text = _take_chars(self.run, final=True) if self.run else ""  # any other piece ends a run
             self.at_start = self.at_start and not text
-            if token_id not in self.special:
-                piece = self.surface[token_id]
-                if self.at_start and piece and token_id in self.word_start:
-                    piece = piece[1:]
-                text += piece.decode()
+            piece = self.surface[token_id]  # empty for a special token
+            if self.at_start and token_id in self.word_start:
+                piece = piece[1:]
+            text += piece.decode()
         if text:
             self.at_start = False
         text = self.held + text

@@ -21,13 +21,12 @@ class PieceTable:
     detokenizer (detokenizer.py) can then turn each new id into text with a table lookup
     instead of decoding a window of ids twice per token.
 
-    ``surface``: each id's bytes (``▁`` is a space, a ``<0xNN>`` piece is that byte);
-    ``special``: ids that decode to nothing with special tokens skipped; ``word_start``: ids
+    ``surface``: each id's bytes (``▁`` is a space, a ``<0xNN>`` piece is that byte, a special
+    token nothing: what decoding shows with special tokens skipped); ``word_start``: ids
     whose piece starts with ``▁``, whose space sentencepiece drops when the piece is the first
     text of a decode (its dummy prefix)."""
 
     surface: list[bytes]
-    special: frozenset[int]
     word_start: frozenset[int]
     byte_ids: frozenset[int]  # ``<0xNN>`` pieces (byte fallback)
 
@@ -81,10 +80,9 @@ class MistralCommonTokenizer(Tokenizer):
         if not isinstance(self._tok, SentencePieceTokenizer):
             return None  # tekken: byte-level BPE, decoded by window
         if self._piece_table is None:
-            surface, special, word_start, byte_ids = [], set(), set(), set()
+            surface, word_start, byte_ids = [], set(), set()
             for i, (kind, text) in enumerate(sentencepiece_pieces(self._tok._model)):
                 if kind == "control" or self._tok.is_special(i):
-                    special.add(i)
                     surface.append(b"")
                 elif kind == "unknown":
                     surface.append(" \u2047 ".encode())  # sentencepiece's unk surface
@@ -94,7 +92,7 @@ class MistralCommonTokenizer(Tokenizer):
                     elif text.startswith(b" "):  # pieces hold no literal spaces: this was "▁"
                         word_start.add(i)
                     surface.append(text)
-            self._piece_table = PieceTable(surface, frozenset(special), frozenset(word_start), frozenset(byte_ids))
+            self._piece_table = PieceTable(surface, frozenset(word_start), frozenset(byte_ids))
         return self._piece_table
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
