@@ -9,10 +9,11 @@ reference gives probability 0 must never be drawn. Each configuration also check
 reference differs from plain softmax sampling by more than 2 eps, so a sampler that ignored
 the feature would fail.
 
-Every test runs with the NumPy backend (CPU), with NumPy and tiny block/candidate sizes
-(forcing the two-level CDF, the top-p full-sort fallback and, for unseeded top-p rows without
-top-k or min-p, the top-p rejection draw and its own fallback), and with the torch backend
-(the path other devices take), on CPU tensors.
+Every test runs with the NumPy backend (CPU: unseeded top-p rows without top-k or min-p are
+drawn by rejection, raising the pivot round after round), with NumPy and tiny block/candidate
+sizes and one rejection round (forcing the two-level CDF, the top-p full-sort fallback of the
+candidates and the rejection draw's own sort fallback), and with the torch backend (the path
+other devices take), on CPU tensors.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def backend(request, monkeypatch):
     elif request.param == "numpy-small-blocks":
         monkeypatch.setattr(sampler._NumpyBackend, "_CDF_BLOCK", 4)
         monkeypatch.setattr(sampler._NumpyBackend, "_NUCLEUS_CANDIDATES", 4)
+        monkeypatch.setattr(sampler._NumpyBackend, "_REJECTION_ROUNDS", 1)
     return request.param
 
 
@@ -265,8 +267,8 @@ def test_penalty_state_tracks_appended_tokens():
 
 
 def test_flat_rows_are_drawn_by_rejection_from_their_nucleus():
-    """A flat distribution over 32K tokens (a random-weight model's) cannot settle its top-p
-    cut among the 1,024 candidates: such unseeded rows are deferred, not sorted, and drawn by
+    """A flat distribution over 32K tokens (a random-weight model's) would not settle its
+    top-p cut among the 1,024 candidates: unseeded rows are deferred, not sorted, and drawn by
     rejection. Each draw lies in the exact nucleus (the sort-and-scatter reference), and the
     draws cover it as a distribution restricted to the nucleus would (mean probability)."""
     vocab, rows = 32768, 64

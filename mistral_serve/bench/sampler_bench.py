@@ -2,8 +2,9 @@
 
     python -m mistral_serve.bench.sampler_bench --json OUT [--baseline OLD_SAMPLER.py]
 
-Each case builds 64 sequences and, every step, samples from fixed logits (N(0, 3^2), seed 0)
-and appends the chosen tokens as the engine does, so per-sequence state is exercised as in
+Each case builds 64 sequences and, every step, samples from fixed logits (N(0, 3^2), seed 0;
+``_flat`` cases N(0, 0.32^2), the spread the embedded random-weight model's logits have, whose
+top-p 0.95 nucleus is ~29K of the 32K tokens) and appends the chosen tokens as the engine does, so per-sequence state is exercised as in
 serving. ``--baseline`` loads another sampler module from a file (e.g. an earlier version via
 ``git show e2514ec:mistral_serve/engine/sampler.py > /tmp/old_sampler.py``, the last
 per-row-loop sampler) and times it interleaved with the current one, step by step, so
@@ -34,10 +35,15 @@ VOCAB = 32768
 PENALTY_CONTEXT = 16384
 PENALTY_OUTPUT = 256  # of the 16K context, this many are generated tokens
 
+LOGIT_STD = 3.0
+FLAT_LOGIT_STD = 0.32
+
+# SamplingParams keyword arguments, and the logits' spread where it is not LOGIT_STD
 CASES: dict[str, dict] = {
     "greedy": dict(temperature=0.0),
     "temperature_0.8": dict(temperature=0.8),
     "temperature_0.8_top_p_0.95": dict(temperature=0.8, top_p=0.95),
+    "temperature_0.8_top_p_0.95_flat": dict(temperature=0.8, top_p=0.95, logit_std=FLAT_LOGIT_STD),
     "temperature_0.8_top_p_0.95_rep_1.1_freq_0.5_ctx16k": dict(temperature=0.8, top_p=0.95,
                                                                repetition_penalty=1.1, frequency_penalty=0.5),
     "temperature_0.8_seeded": dict(temperature=0.8, seed=0),
@@ -59,6 +65,7 @@ def make_seqs(case: dict, rng: np.random.Generator) -> list[Sequence]:
     seqs = []
     for i in range(BATCH):
         kw = dict(case, max_tokens=100_000, ignore_eos=True)
+        kw.pop("logit_std", None)
         if "seed" in kw:
             kw["seed"] = i
         params = SamplingParams(**kw)
@@ -73,9 +80,10 @@ def make_seqs(case: dict, rng: np.random.Generator) -> list[Sequence]:
 
 def bench(impls: dict, steps: int, warmup: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    logits = torch.randn(BATCH, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+    unit_logits = torch.randn(BATCH, VOCAB, generator=torch.Generator().manual_seed(0))
     results = {}
     for name, case in CASES.items():
+        logits = unit_logits * case.get("logit_std", LOGIT_STD)
         seqs = {label: make_seqs(case, np.random.default_rng(1)) for label in impls}
         times: dict[str, list[float]] = {label: [] for label in impls}
         for step in range(warmup + steps):
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "mistral_serve.bench.sampler_bench",
         "batch": BATCH,
         "vocab": VOCAB,
-        "logits": "N(0, 3^2) float32, fixed (seed 0)",
+        "logits": f"N(0, {LOGIT_STD}^2) float32, fixed (seed 0); logit_std where a case gives one",
         "penalty_context_tokens": PENALTY_CONTEXT,
         "steps": a.steps,
         "unit": "median ms per sample() call",

@@ -12,12 +12,16 @@ then runs once for the rows that asked for it (rows that do not use a feature sk
   with no scatter, and the incremental update is O(1) per token.
 * min_tokens: one indexed write of -inf at every (row, stop id) pair still suppressed.
 * top-k (without top-p): the k-th largest value of each row from one partial selection
-  with the batch's largest k (``np.partition`` / ``torch.topk``), no sort; tokens below it
-  are masked. top-p (and top-k with it): one value sort of only the rows using top-p; the
-  nucleus cut-off (the last token whose better tokens hold < p, after the row's top-k) is
-  found in sorted space and applied as a threshold, so no scatter back to vocab order.
-  Exact ties with the cut-off value are all kept (the old sort/scatter kept an arbitrary
-  subset of them); rows with top_p == 1 no longer pass through the nucleus arithmetic.
+  with the batch's largest k (``torch.topk`` up to 64, else ``np.partition``), no sort;
+  tokens below it are masked. top-p: unseeded rows without top-k or min-p (what chat
+  clients send) are drawn by rejection on the CPU (``_NumpyBackend.nucleus_draw``), one
+  inverse-CDF draw and one masked dot product per round, so no row is cut, sorted or
+  masked; ~1.05 rounds on average at p = 0.95. The other top-p rows (and top-k with it)
+  get their nucleus cut-off (the last token whose better tokens hold < p, after the row's
+  top-k) from 1024 candidates of a partial selection, or a value sort of the rows that
+  need it, found in sorted space and applied as a threshold, so no scatter back to vocab
+  order. Exact ties with the cut-off value are all kept; rows with top_p == 1 no longer
+  pass through the nucleus arithmetic.
 * min-p: ``probs < min_p * max(probs)`` zeroed on the rows that set it.
 * draws: a seeded request keeps the exponential race ``argmax(p / E)``, ``E ~ Exp(1)``, with
   its V uniforms per token drawn from its own generator (``E = -log(1 - U)``, the log
@@ -40,12 +44,14 @@ then runs once for the rows that asked for it (rows that do not use a feature sk
 On the CPU the stages run in NumPy on zero-copy views: torch's CPU kernels on this kind of
 machine (2-core Xeon, torch 2.13 CPU build) are several times slower for these shapes
 (sort of [64, 32768]: 370 ms vs 22 ms; ``torch.where``: 90 ms vs 40 ms). The exceptions are
-the passes over the whole [N, V] array that every sampled step makes, the exp and the CDF's
-block sums: they run as torch's in-place kernels on the same memory (vectorised, on the
-intra-op threads; NumPy's run on one thread), the exp only on rows no top-k/top-p left mostly
--inf. 2-vCPU AMD EPYC, batch 64, interleaved with the previous sampler
-(``python -m mistral_serve.bench.sampler_bench``, ``docs/bench/sampler-torch-kernels-cpu.json``):
-temperature 0.8 9.6 -> 4.8 ms per step, + top-p 0.95 29.7 -> 25.2, top-k 50 15.0 -> 13.9.
+the passes over the whole [N, V] array that every sampled step makes: the softmax (torch's
+fused kernel), the CDF's block sums and the repetition penalty run as torch's kernels on the
+same memory (vectorised, on the intra-op threads; NumPy's run on one thread). 2-vCPU AMD
+EPYC, batch 64, interleaved with the previous sampler
+(``python -m mistral_serve.bench.sampler_bench``, ``docs/bench/sampler-rejection-cpu.json``):
+temperature 0.8 + top-p 0.95 8.1 -> 4.0 ms per step (15.8 -> 4.6 on the flat logits of the
+random-weight model), + repetition and frequency penalties at 16K context 25.7 -> 9.0,
+greedy + 5 logprobs 7.8 -> 2.9.
 Other devices run the same stages in torch (``_TorchBackend``; the tests run it on CPU).
 """
 
@@ -183,12 +189,12 @@ def _sample_rows(be, x, seqs: list[Sequence]):
     params = [s.params for s in seqs]
     vocab = x.shape[1]
     x = be.div_(x, be.column([p.temperature for p in params]))
-    # Unseeded top-p rows without top-k or min-p may be drawn by rejection (``nucleus_draw``)
-    # where their nucleus is too wide to find among the candidates.
+    # Unseeded top-p rows without top-k or min-p may be drawn by rejection (``nucleus_draw``),
+    # unmasked, where the backend finds that cheaper than their cut.
     rejectable = [s.generator is None and p.min_p == 0 and not 0 < p.top_k < vocab for s, p in zip(seqs, params)]
     deferred = _top_k_top_p_rows(be, x, [p.top_k for p in params], [p.top_p for p in params], rejectable)
-    masked = any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params)  # mostly -inf now
-    probs = be.softmax_(x, normalise=False, masked=masked)  # the draws below are scale-free per row
+    kept_whole = set(deferred)
+    probs = be.softmax(x)
     mp_rows = [j for j, p in enumerate(params) if p.min_p > 0]
     if mp_rows:
         idx = be.index(mp_rows)
@@ -200,12 +206,14 @@ def _sample_rows(be, x, seqs: list[Sequence]):
     if not seeded:
         if not deferred:
             return be.inverse_cdf(probs)
+        top_p = [params[j].top_p for j in deferred]
+        if len(deferred) == len(seqs):
+            return be.nucleus_draw(probs, top_p)
         chosen = be.zeros_long(len(seqs))
         idx = be.index(deferred)
-        chosen[idx] = be.nucleus_draw(x[idx], probs[idx], [params[j].top_p for j in deferred])
-        rest = be.index([j for j in range(len(seqs)) if j not in set(deferred)])
-        if len(rest):
-            chosen[rest] = be.inverse_cdf(probs[rest])
+        chosen[idx] = be.nucleus_draw(probs[idx], top_p)
+        rest = be.index([j for j in range(len(seqs)) if j not in kept_whole])
+        chosen[rest] = be.inverse_cdf(probs[rest])
         return chosen
     # E = -log(1 - U) with U ~ U[0, 1) from the request's own generator: torch.rand is ~10x
     # cheaper per value than exponential_ on the CPU, and the log runs vectorised once.
@@ -242,7 +250,8 @@ def _top_k_top_p_rows(be, x, top_k: list[int], top_p: list[float], rejectable: l
         sub = x if len(p_rows) == x.shape[0] else x[idx]
         ks = [top_k[j] if top_k[j] > 0 else vocab for j in p_rows]
         cut, deferred = be.nucleus_cutoff(sub, ks, [top_p[j] for j in p_rows], [rejectable[j] for j in p_rows])
-        _mask_below(be, x, idx, len(p_rows), sub, cut[:, None])
+        if len(deferred) < len(p_rows):  # a deferred row's cut is -inf: nothing to mask
+            _mask_below(be, x, idx, len(p_rows), sub, cut[:, None])
         return [p_rows[i] for i in deferred]
     return []
 
@@ -262,7 +271,7 @@ def _nucleus_cutoff_sorted(be, sub, ks: list[int], ps: list[float]):
     vocab = sub.shape[1]
     desc = be.sort_desc(sub)
     kcol = be.column(ks, integer=True)
-    probs = be.softmax_(be.where(be.arange(vocab)[None, :] >= kcol, float("-inf"), desc))
+    probs = be.softmax(be.where(be.arange(vocab)[None, :] >= kcol, float("-inf"), desc))
     before = be.cumsum64(probs) - probs  # mass of strictly better tokens
     keep = be.count(before < be.column(ps, dtype64=True))
     return be.take_rows(desc, be.minimum(keep, kcol[:, 0]) - 1)
@@ -353,22 +362,12 @@ class _NumpyBackend:
         return x
 
     @staticmethod
-    def softmax_(x: np.ndarray, normalise: bool = True, masked: bool = False) -> np.ndarray:
-        """Row softmax, in place (``normalise=False``: exp(x - max), each row's max is 1).
-
-        The exp runs as torch's kernel on the same memory: vectorised and on the intra-op
-        threads, where NumPy's is one thread (2-vCPU AMD EPYC, [64, 32768] in place: NumPy
-        5.6 ms, torch 2.2 ms; it is the largest stage of an unfiltered sampled step). Except
-        in a ``masked`` batch (top-k/top-p left rows mostly -inf), where torch's exp takes its
-        slow path for every -inf (10 ms) and NumPy's does not (4.8 ms)."""
-        np.subtract(x, x.max(axis=-1, keepdims=True), out=x)
-        if masked:
-            np.exp(x, out=x)
-        else:
-            torch.from_numpy(x).exp_()
-        if normalise:
-            x /= x.sum(axis=-1, keepdims=True)
-        return x
+    def softmax(x: np.ndarray) -> np.ndarray:
+        """Row softmax (a new array), by torch's fused kernel: one threaded, vectorised pass
+        where NumPy's max/subtract/exp take three on one thread, and fast on -inf entries
+        (top-k/top-p-masked rows), where torch's elementwise exp takes its slow path.
+        2-vCPU AMD EPYC, [64, 32768]: 0.3 ms; max + subtract + exp in place, 1.0 ms."""
+        return torch.softmax(torch.from_numpy(x), dim=-1).numpy()
 
     @staticmethod
     def mask_below_(x: np.ndarray, cut: np.ndarray) -> None:
@@ -386,10 +385,17 @@ class _NumpyBackend:
 
     @staticmethod
     def repetition_(x: np.ndarray, seen: np.ndarray, r: np.ndarray) -> None:
-        """HF repetition penalty in place on the ``seen`` entries: positive / r, others * r."""
-        pos = x > 0
-        np.divide(x, r, out=x, where=seen & pos)
-        np.multiply(x, r, out=x, where=seen & ~pos)
+        """HF repetition penalty in place on the ``seen`` entries: positive / r, others * r.
+
+        Branch-free, in torch's threaded kernels on the same memory: ``new`` is
+        max(x, 0) / r + min(x, 0) * r (exactly HF's value: one term is 0), then
+        x += (new - x) * seen. For 1 < r <= 2 (Sterbenz) new - x is exact, so seen entries
+        become new bit for bit and the others stay x; the NaN of an -inf logit's difference
+        is zeroed. NumPy's masked ``where=`` ufuncs on a scattered mask took 12.6 ms at
+        [64, 32768] on a 2-vCPU AMD EPYC, this 1.8 ms."""
+        xt, rt = torch.from_numpy(x), torch.from_numpy(r)
+        new = xt.clamp(min=0).div_(rt).add_(xt.clamp(max=0).mul_(rt))
+        xt.add_(new.sub_(xt).nan_to_num_(0.0).mul_(torch.from_numpy(seen)))
 
     @staticmethod
     def exponential_from_uniform(u: torch.Tensor) -> np.ndarray:
@@ -401,11 +407,23 @@ class _NumpyBackend:
 
     def nucleus_cutoff(self, sub: np.ndarray, ks: list[int], ps: list[float],
                        deferrable: list[bool]) -> tuple[np.ndarray, list[int]]:
-        """As ``_nucleus_cutoff_sorted`` but from the top 1024 candidates of a partial
-        selection (O(V), no sort of the vocabulary); rows whose nucleus is not settled
-        within the candidates (top-k beyond them, or a flat distribution) fall back to the
-        full sort, except ``deferrable`` ones: they get no cut (-inf) and are returned, for
-        ``nucleus_draw``. Each row's cut is the same whichever path the batch takes."""
+        """As ``_nucleus_cutoff_sorted`` but without a sort of the vocabulary where it can.
+        ``deferrable`` rows get no cut (-inf) and are returned, for ``nucleus_draw``: its
+        first round is two vectorised passes whatever the row's shape, where even the
+        candidates' partial selection below costs more (2-vCPU AMD EPYC, [64, 32768]: 1.8 ms
+        for the selection alone, against ~1 ms for a whole rejection round). The other rows'
+        cut comes from the top 1024 candidates of a partial selection (O(V)); rows whose
+        nucleus is not settled within them (top-k beyond them, or a flat distribution) take
+        the full sort. Each row's cut is the same whichever path the batch takes."""
+        deferred = [i for i, d in enumerate(deferrable) if d]
+        cut = np.full(sub.shape[0], -np.inf, dtype=sub.dtype)
+        rest = [i for i, d in enumerate(deferrable) if not d]
+        if rest:
+            part = sub if len(rest) == len(ks) else sub[rest]
+            cut[rest] = self._candidate_cutoff(part, [ks[i] for i in rest], [ps[i] for i in rest])
+        return cut, deferred
+
+    def _candidate_cutoff(self, sub: np.ndarray, ks: list[int], ps: list[float]) -> np.ndarray:
         n, vocab = sub.shape
         c = min(self._NUCLEUS_CANDIDATES, vocab)
         top = self.top_values(sub, c)  # [n, c] descending
@@ -424,63 +442,73 @@ class _NumpyBackend:
         settled = (kk[:, 0] <= c) | ((kk[:, 0] >= vocab) & (n_keep < c))
         cut = top[np.arange(n), np.minimum(n_keep, c) - 1]
         unsettled = np.flatnonzero(~settled)
-        deferred = [int(i) for i in unsettled if deferrable[i]]
-        rest = [int(i) for i in unsettled if not deferrable[i]]
-        if rest:
-            cut[rest] = _nucleus_cutoff_sorted(self, sub[rest], [ks[i] for i in rest], [ps[i] for i in rest])
-        cut[deferred] = -np.inf
-        return cut, deferred
+        if unsettled.size:
+            cut[unsettled] = _nucleus_cutoff_sorted(self, sub[unsettled], [ks[i] for i in unsettled],
+                                                    [ps[i] for i in unsettled])
+        return cut
 
     _REJECTION_ROUNDS = 8
 
-    def nucleus_draw(self, x: np.ndarray, probs: np.ndarray, ps: list[float]) -> np.ndarray:
-        """One draw per row from the top-p nucleus of ``probs`` (``exp`` of the logits ``x``,
-        unnormalised, nothing masked), by rejection: draw from the whole row, keep the token
-        if the tokens strictly more likely than it hold less than p of the mass (the nucleus
-        of ``_nucleus_cutoff_sorted``, up to ties), else draw again. Kept draws follow the row's
-        distribution restricted to its nucleus; the nucleus holds at least p of the mass, so a
-        row needs at most 1/p rounds on average (1.05 at p = 0.95), each O(V), where finding a
-        flat row's cut needs a sort of the vocabulary (FlashInfer samples top-p by rejection
-        too). Rows still rejected after ``_REJECTION_ROUNDS`` take the sort."""
+    def nucleus_draw(self, probs: np.ndarray, ps: list[float]) -> np.ndarray:
+        """One draw per row from the top-p nucleus of ``probs`` (nothing masked), by
+        rejection with a rising pivot: draw from the row's tokens more likely than the
+        pivot (at first all), keep the token if the tokens
+        strictly more likely than it hold less than p of the mass (the nucleus of
+        ``_nucleus_cutoff_sorted``, up to ties and float32 rounding of that mass), else raise
+        the pivot to its probability and draw again. No nucleus token is ever below a rejected
+        one, so kept draws follow the row's distribution restricted to its nucleus; the first
+        round keeps a row with probability >= p, each later one with more (FlashInfer samples
+        top-p by rejection too). A round is an inverse-CDF draw and one masked dot product per
+        row. Rows still rejected after ``_REJECTION_ROUNDS`` take the sort."""
         n = probs.shape[0]
-        limit = np.asarray(ps, dtype=np.float64) * probs.sum(axis=-1, dtype=np.float64)
+        limit = np.asarray(ps, dtype=np.float64) * torch.from_numpy(probs).sum(dim=-1).numpy()
         out = np.zeros(n, dtype=np.int64)
         todo = np.arange(n)
+        sub = probs
         for _ in range(self._REJECTION_ROUNDS):
-            sub = probs[todo]
             tok = self.inverse_cdf(sub)
-            p_tok = sub[np.arange(len(todo)), tok]
-            better = np.where(sub > p_tok[:, None], sub, 0.0).sum(axis=-1, dtype=np.float64)
+            p_tok = sub[np.arange(len(todo)), tok][:, None]
+            rows = probs if len(todo) == n else probs[todo]
+            above = rows > p_tok
+            better = np.einsum("ij,ij->i", rows, above.astype(np.float32))  # vectorised dot
             kept = better < limit[todo]
             out[todo[kept]] = tok[kept]
-            todo = todo[~kept]
+            todo, sub = todo[~kept], np.where(above[~kept], rows[~kept], np.float32(0))
             if not todo.size:
                 return out
-        sub = x[todo]
-        cut = _nucleus_cutoff_sorted(self, sub, [sub.shape[1]] * len(todo), [ps[i] for i in todo])
-        out[todo] = self.inverse_cdf(np.where(sub < cut[:, None], 0.0, probs[todo]))
+        rows = probs[todo]
+        desc = self.sort_desc(rows)
+        before = self.cumsum64(desc) - desc  # mass of strictly better tokens
+        keep = self.count(before < limit[todo][:, None])
+        cut = self.take_rows(desc, keep - 1)[:, None]
+        out[todo] = self.inverse_cdf(np.where(rows < cut, np.float32(0), rows))
         return out
 
     @staticmethod
     def logsumexp(x: np.ndarray) -> np.ndarray:
-        m = x.max(axis=-1, keepdims=True)
-        return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+        return torch.logsumexp(torch.from_numpy(x), dim=-1, keepdim=True).numpy()  # threaded exp
 
     @staticmethod
     def sort_desc(x: np.ndarray) -> np.ndarray:
         return np.sort(x, axis=-1)[:, ::-1]
 
-    @staticmethod
-    def top_values(x: np.ndarray, k: int) -> np.ndarray:
+    def top_values(self, x: np.ndarray, k: int) -> np.ndarray:
         """The k largest values per row, descending (a partial selection, no sort)."""
+        if k <= self._TORCH_TOPK_MAX:
+            return self.topk(x, k)[0]
         vocab = x.shape[1]
         return np.sort(np.partition(x, vocab - k, axis=-1)[:, vocab - k:], axis=-1)[:, ::-1]
 
-    @staticmethod
-    def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k largest values per row, descending, and their ids."""
+    _TORCH_TOPK_MAX = 64
+
+    def topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k largest values per row, descending, and their ids. Up to 64 (what logprobs
+        ask for) torch's topk is the cheaper one ([64, 32768], k 5: 1.5 ms against 4.5 ms
+        for the partition below); beyond, it is the slower by far (k 1024: 9-19 ms)."""
         n, vocab = x.shape
-        ids = None
+        if k <= self._TORCH_TOPK_MAX:
+            vals, ids = torch.from_numpy(x).topk(k, dim=-1)
+            return vals.numpy(), ids.numpy()
         if k < vocab:
             # the k-th largest value by a value-only partition, then the ids at or above it;
             # exactly k per row unless values tie at the k-th (then argpartition decides)
@@ -580,7 +608,7 @@ class _TorchBackend:
         return x.div_(col)
 
     @staticmethod
-    def softmax_(x: torch.Tensor, normalise: bool = True, masked: bool = False) -> torch.Tensor:
+    def softmax(x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(x, dim=-1)
 
     @staticmethod
