@@ -49,9 +49,9 @@ fused kernel), the CDF's block sums and the repetition penalty run as torch's ke
 same memory (vectorised, on the intra-op threads; NumPy's run on one thread). 2-vCPU AMD
 EPYC, batch 64, interleaved with the previous sampler
 (``python -m mistral_serve.bench.sampler_bench``, ``docs/bench/sampler-rejection-cpu.json``):
-temperature 0.8 + top-p 0.95 8.1 -> 4.0 ms per step (15.8 -> 4.6 on the flat logits of the
-random-weight model), + repetition and frequency penalties at 16K context 25.7 -> 9.0,
-greedy + 5 logprobs 7.8 -> 2.9.
+temperature 0.8 1.5 -> 1.0 ms per step, + top-p 0.95 7.6 -> 3.1 (14.5 -> 2.9 on the flat
+logits of the random-weight model), + repetition and frequency penalties at 16K context
+24.0 -> 6.3, top-k 50 5.0 -> 4.0, greedy + 5 logprobs 7.4 -> 3.0.
 Other devices run the same stages in torch (``_TorchBackend``; the tests run it on CPU).
 """
 
