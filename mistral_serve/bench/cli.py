@@ -28,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", help="shared-prefix, multi-turn, or a workload JSON "
                                       "(default: ../shared/bench/workload-64.json or its recipe)")
     p.add_argument("--model", help="checkpoint dir (default: the embedded tiny model)")
-    p.add_argument("--decoding", choices=["greedy", "sampled"], default="greedy",
-                   help="sampled: temperature 0.8, top-p 0.95, what chat clients send (HF baselines: greedy only)")
+    p.add_argument("--decoding", choices=list(DECODINGS), default="greedy",
+                   help="sampled: temperature 0.8, top-p 0.95, what chat clients send; penalties: sampled with "
+                        "repetition penalty 1.1 and frequency penalty 0.5 (HF baselines: greedy only)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per engine after a warm-up (median reported)")
     p.add_argument("--baseline", action="append", choices=[*BASELINES, "none"],
                    help="repeatable; default: hf-static and hf-cb")
@@ -176,8 +177,7 @@ def _bench_vllm(python: str, model: Path, workload: Workload, runs: int, prefix_
         wl.write_text(json.dumps({"prompt_token_ids": workload.prompt_token_ids, "max_tokens": workload.max_tokens}))
         out = Path(tmp) / "vllm.json"
         script = Path(__file__).with_name("vllm_runner.py")
-        sampling = DECODINGS[decoding]
-        flags = ["--temperature", str(sampling["temperature"]), "--top-p", str(sampling["top_p"])]
+        flags = ["--sampling", json.dumps(DECODINGS[decoding])]
         flags += ["--prefix-caching"] if prefix_caching else []
         with PeakRSS() as rss:
             subprocess.run([python, str(script), "--model", str(model), "--workload", str(wl),

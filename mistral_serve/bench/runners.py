@@ -12,9 +12,15 @@ from mistral_serve.bench.measure import RunResult
 from mistral_serve.bench.workload import Workload
 
 WARMUP_REQUESTS = 8
-# ``bench engine --decoding``: what every request of a pass samples with (EOS ignored). "sampled"
-# is what chat clients send (vLLM bench serve's --temperature/--top-p defaults for chat).
-DECODINGS = {"greedy": {"temperature": 0.0, "top_p": 1.0}, "sampled": {"temperature": 0.8, "top_p": 0.95}}
+# ``bench engine --decoding``: what every request of a pass samples with (EOS ignored), as
+# SamplingParams keyword arguments that vLLM's SamplingParams takes under the same names.
+# "sampled" is what chat clients send (vLLM bench serve's --temperature/--top-p defaults for
+# chat); "penalties" adds the repetition and frequency penalties some clients set.
+DECODINGS = {
+    "greedy": {"temperature": 0.0, "top_p": 1.0},
+    "sampled": {"temperature": 0.8, "top_p": 0.95},
+    "penalties": {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1, "frequency_penalty": 0.5},
+}
 
 
 def _pass_requests(workload: Workload, warmup: bool) -> Workload:

@@ -16,7 +16,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", "/tmp/vllm-cache")
 
 
-def one_pass(llm, prompts, max_tokens, tag, temperature=0.0, top_p=1.0):
+def one_pass(llm, prompts, max_tokens, tag, sampling=None):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -25,7 +25,7 @@ def one_pass(llm, prompts, max_tokens, tag, temperature=0.0, top_p=1.0):
     start = time.perf_counter()
     for i, (p, m) in enumerate(zip(prompts, max_tokens)):
         engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=p),
-                           SamplingParams(temperature=temperature, top_p=top_p, max_tokens=m, ignore_eos=True))
+                           SamplingParams(**(sampling or {}), max_tokens=m, ignore_eos=True))
     seen = {}
     stamps = {}
     while engine.has_unfinished_requests():
@@ -57,8 +57,8 @@ def main():
     ap.add_argument("--prefix-caching", action="store_true",
                     help="vLLM's prefix cache on (reset before every pass, as ours is)")
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--sampling", type=json.loads, default={"temperature": 0.0},
+                    help="JSON object of SamplingParams keyword arguments (same names in both engines)")
     a = ap.parse_args()
     from vllm import LLM
 
@@ -67,7 +67,7 @@ def main():
     llm = LLM(model=a.model, dtype="float32", max_model_len=a.max_model_len, seed=0,
               enable_prefix_caching=a.prefix_caching)
     one_pass(llm, prompts[:8], max_tokens[:8], "warmup")
-    runs = [one_pass(llm, prompts, max_tokens, f"run{r}", a.temperature, a.top_p) for r in range(a.runs)]
+    runs = [one_pass(llm, prompts, max_tokens, f"run{r}", a.sampling) for r in range(a.runs)]
     import vllm
 
     with open(a.json, "w") as f:
