@@ -26,8 +26,8 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class StepMetadata(ABC):
-    """One step's attention state, shared by all layers. ``cos``/``sin`` ([T, 1, head_dim]) are
-    the RoPE tables at each token's position, set by the model runner."""
+    """One step's attention state, shared by all layers. ``cos``/``sin`` ([T, 1, head_dim / 2])
+    are the RoPE tables at each token's position, set by the model runner."""
 
     cos: torch.Tensor | None
     sin: torch.Tensor | None

@@ -38,7 +38,8 @@ def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Holds cos/sin tables of shape [max_positions, head_dim] in the model dtype (filled by build_tables)."""
+    """Holds cos/sin tables of shape [max_positions, head_dim / 2] in the model dtype (filled by
+    build_tables): one entry per frequency, which HF's half-split layout uses for both halves."""
 
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -51,17 +52,24 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq = inverse_frequencies(self.config)
         positions = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=self.dtype)
-        self.sin = emb.sin().to(device=device, dtype=self.dtype)
+        self.cos = freqs.cos().to(device=device, dtype=self.dtype)
+        self.sin = freqs.sin().to(device=device, dtype=self.dtype)
 
     def tables_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, head_dim] for the tokens' absolute positions (once per step)."""
+        """cos and sin [T, 1, head_dim / 2] for the tokens' absolute positions (once per step)."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] (HF's half-split layout, not interleaved pairs)."""
+    """Rotate x [T, heads, D] (HF's half-split layout, not interleaved pairs) with the half
+    tables of ``tables_at``: x1 * cos - x2 * sin, x2 * cos + x1 * sin, each half written in
+    place into one new tensor. HF's form (x * cos + cat(-x2, x1) * sin) makes five passes and
+    two temporaries over [T, heads, D]: 6.9 ms against 1.9 ms for a 4,096-token prefill of the
+    tiny model's 10 Q+K heads (2-vCPU AMD EPYC)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
