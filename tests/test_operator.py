@@ -209,12 +209,14 @@ def test_serve_cli_binds_localhost_prints_metrics_and_reads_clean():
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
             assert r.status == 200
     finally:
-        rc = _stop(proc)
+        # SIGTERM: what kill, systemd and Kubernetes send (Ctrl-C's SIGINT: the test below).
+        # Ray's own SIGTERM handler once made this print a stack trace and abort (exit 134).
+        rc = _stop(proc, signal.SIGTERM)
     assert rc == 0, out.text
     text = out.text
     assert "stopped." in text
     for noise in ("Connecting to existing Serve app", "will not be applied", "graceful_shutdown failed",
-                  "metrics_interval_s", "Traceback"):
+                  "metrics_interval_s", "Traceback", "SIGTERM received"):
         assert noise not in text, f"{noise!r} in the output:\n{text}"
     time.sleep(2)
     import psutil

@@ -3,9 +3,12 @@ and the test fixture ``live_server``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -208,6 +211,25 @@ class LocalServer:
         stop_local()
 
 
+@contextlib.contextmanager
+def _python_signal_handlers_kept():
+    """Keep the process's Python SIGINT/SIGTERM handlers over ``ray.init``. Ray's core worker
+    installs its C++ failure handler for SIGTERM in the driver: a plain ``kill``, systemd's or
+    Kubernetes' stop then printed a stack trace and aborted the process (exit 134) instead of
+    running the CLI's clean shutdown. Python keeps its own record of the handler, so setting it
+    again puts its trampoline back. Only the main thread may set handlers (elsewhere: unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
 def start_local(
     args: dict[str, Any],
     host: str = "127.0.0.1",
@@ -261,16 +283,17 @@ def start_local(
         _bind_ray_to_localhost()
         # Job-wide, so inherited by the Serve controller, proxies and every replica.
         runtime_env = {"worker_process_setup_hook": f"{__name__}.serve_grpc_on_localhost"}
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _metrics_export_port=metrics_port,
-        _system_config=system_config or None,
-        runtime_env=runtime_env,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    with _python_signal_handlers_kept():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _metrics_export_port=metrics_port,
+            _system_config=system_config or None,
+            runtime_env=runtime_env,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     try:
         have = ray.cluster_resources()
         check_resources(parsed, have.get("CPU", 0.0), have.get("GPU", 0.0))
