@@ -47,16 +47,19 @@ class Attention(nn.Module):
         kv_cache: KVCache,
         meta: StepMetadata,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        rows = x.shape[0]
+        t = meta.cos.shape[0]  # the step's tokens; rows past them are DecoderModel's padding
+        qkv = self.qkv_proj(x)[:t]
         # Q and K heads rotate together: one RoPE pass over [T, heads + kv_heads, D].
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), meta.cos, meta.sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         # The attention backend owns both the cache write and the attention (attention_backend.py).
         meta.write_kv(kv_cache, k, v)
-        out = meta.attend(q, k, v, kv_cache, self.scale)
-        return self.o_proj(out.view(t, self.q_size))
+        out = meta.attend(q, k, v, kv_cache, self.scale).view(t, self.q_size)
+        if rows != t:
+            out = F.pad(out, (0, 0, 0, rows - t))
+        return self.o_proj(out)
 
 
 class SiluGateUp(nn.Linear):
@@ -99,6 +102,9 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = config
         self.quantization = "none"  # the loader sets the method its projections were built with
+        # Token rows per step are padded to a multiple of this (the loader sets it for oneDNN-
+        # packed layers: cpu_linear.PACKED_ROW_BUCKET). Padding rows are zeros and stay zeros.
+        self.row_bucket = 1
         self.rope = RotaryEmbedding(config, max_positions, dtype)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -115,6 +121,9 @@ class DecoderModel(nn.Module):
         logits_index: torch.Tensor,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        pad = -x.shape[0] % self.row_bucket
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, kv_cache, meta)
         # Only the last token of each sequence that samples this step needs the vocab projection.

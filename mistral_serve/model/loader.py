@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from mistral_serve.model.config import ModelConfig
-from mistral_serve.model.cpu_linear import can_pack, pack_linear_layers
+from mistral_serve.model.cpu_linear import PACKED_ROW_BUCKET, can_pack, pack_linear_layers
 from mistral_serve.model.decoder import DecoderModel, SiluGateUp
 from mistral_serve.model.quantization.config import resolve_quantization
 from mistral_serve.model.quantization.loading import QuantizedLayerLoader, quantize_in_place
@@ -147,11 +147,19 @@ def load_model(
     model.rope.build_tables(device)
     with torch.no_grad():
         load_weights(model, model_dir, quantized)
-    if can_pack(device, dtype):
-        # The tied head stays shared with the embedding table rather than packing a second copy.
-        pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set(),
-                           silu_gate_up=SiluGateUp)
+    _pack_for_cpu(model, config, device, dtype)
     return model.eval().requires_grad_(False)
+
+
+def _pack_for_cpu(model: DecoderModel, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """oneDNN-packed linear layers where the CPU can pack ``dtype``, and the row bucketing
+    their shape-keyed primitives need (``cpu_linear.PACKED_ROW_BUCKET``)."""
+    if not can_pack(device, dtype):
+        return
+    # The tied head stays shared with the embedding table rather than packing a second copy.
+    pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set(),
+                       silu_gate_up=SiluGateUp)
+    model.row_bucket = PACKED_ROW_BUCKET
 
 
 def build_random_model(
@@ -181,7 +189,5 @@ def build_random_model(
         if qc is not None:
             quantize_in_place(model, qc, device, dtype, SiluGateUp)
             model.quantization = qc.method
-    if can_pack(device, dtype):
-        pack_linear_layers(model, skip={model.lm_head} if config.tie_word_embeddings else set(),
-                           silu_gate_up=SiluGateUp)
+    _pack_for_cpu(model, config, device, dtype)
     return model.eval().requires_grad_(False)
