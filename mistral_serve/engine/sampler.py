@@ -193,7 +193,6 @@ def _sample_rows(be, x, seqs: list[Sequence]):
     # unmasked, where the backend finds that cheaper than their cut.
     rejectable = [s.generator is None and p.min_p == 0 and not 0 < p.top_k < vocab for s, p in zip(seqs, params)]
     deferred = _top_k_top_p_rows(be, x, [p.top_k for p in params], [p.top_p for p in params], rejectable)
-    kept_whole = set(deferred)
     probs = be.softmax(x)
     mp_rows = [j for j, p in enumerate(params) if p.min_p > 0]
     if mp_rows:
@@ -212,7 +211,7 @@ def _sample_rows(be, x, seqs: list[Sequence]):
         chosen = be.zeros_long(len(seqs))
         idx = be.index(deferred)
         chosen[idx] = be.nucleus_draw(probs[idx], top_p)
-        rest = be.index([j for j in range(len(seqs)) if j not in kept_whole])
+        rest = be.index(sorted(set(range(len(seqs))) - set(deferred)))
         chosen[rest] = be.inverse_cdf(probs[rest])
         return chosen
     # E = -log(1 - U) with U ~ U[0, 1) from the request's own generator: torch.rand is ~10x
@@ -272,9 +271,15 @@ def _nucleus_cutoff_sorted(be, sub, ks: list[int], ps: list[float]):
     desc = be.sort_desc(sub)
     kcol = be.column(ks, integer=True)
     probs = be.softmax(be.where(be.arange(vocab)[None, :] >= kcol, float("-inf"), desc))
-    before = be.cumsum64(probs) - probs  # mass of strictly better tokens
-    keep = be.count(before < be.column(ps, dtype64=True))
+    keep = _nucleus_size(be, probs, be.column(ps, dtype64=True))
     return be.take_rows(desc, be.minimum(keep, kcol[:, 0]) - 1)
+
+
+def _nucleus_size(be, desc_probs, limit):
+    """Per row of descending probabilities: how many tokens are in the nucleus, those whose
+    strictly better tokens hold less than ``limit`` (a column) of the mass."""
+    before = be.cumsum64(desc_probs) - desc_probs  # mass of strictly better tokens
+    return be.count(before < limit)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -478,9 +483,7 @@ class _NumpyBackend:
                 return out
         rows = probs[todo]
         desc = self.sort_desc(rows)
-        before = self.cumsum64(desc) - desc  # mass of strictly better tokens
-        keep = self.count(before < limit[todo][:, None])
-        cut = self.take_rows(desc, keep - 1)[:, None]
+        cut = self.take_rows(desc, _nucleus_size(self, desc, limit[todo][:, None]) - 1)[:, None]
         out[todo] = self.inverse_cdf(np.where(rows < cut, np.float32(0), rows))
         return out
 
