@@ -267,17 +267,19 @@ def test_penalty_state_tracks_appended_tokens():
 
 
 def test_flat_rows_are_drawn_by_rejection_from_their_nucleus():
-    """A flat distribution over 32K tokens (a random-weight model's) would not settle its
-    top-p cut among the 1,024 candidates: unseeded rows are deferred, not sorted, and drawn by
-    rejection. Each draw lies in the exact nucleus (the sort-and-scatter reference), and the
-    draws cover it as a distribution restricted to the nucleus would (mean probability)."""
+    """A flat distribution over 32K tokens (a random-weight model's), whose top-p cut the
+    1,024 candidates could not settle: unseeded rows get no cut (no selection, no sort) and
+    are drawn by rejection. Each draw lies in the exact nucleus (the sort-and-scatter
+    reference), and the draws cover it as a distribution restricted to the nucleus would
+    (mean probability)."""
     vocab, rows = 32768, 64
     gen = torch.Generator().manual_seed(7)
     logits = torch.randn(rows, vocab, generator=gen) * 0.5
     be = sampler._NumpyBackend()
     top_p = [0.9] * rows
-    _, deferred = be.nucleus_cutoff(logits.numpy().copy(), [vocab] * rows, top_p, [True] * rows)
-    assert deferred == list(range(rows)), "flat rows should be deferred to the rejection draw"
+    cut, deferred = be.nucleus_cutoff(logits.numpy().copy(), [vocab] * rows, top_p, [True] * rows)
+    assert deferred == list(range(rows)), "unseeded top-p rows should be deferred to the rejection draw"
+    assert np.isneginf(cut).all(), "a deferred row is not cut"
     nucleus = torch.isfinite(_top_k_top_p(logits.clone(), [0] * rows, top_p))
     seqs = [make_seq(SamplingParams(temperature=1.0, top_p=0.9), [1], rid=str(i)) for i in range(rows)]
     inside = 0

@@ -4,8 +4,8 @@
 
 Each case builds 64 sequences and, every step, samples from fixed logits (N(0, 3^2), seed 0;
 ``_flat`` cases N(0, 0.32^2), the spread the embedded random-weight model's logits have, whose
-top-p 0.95 nucleus is ~29K of the 32K tokens) and appends the chosen tokens as the engine does, so per-sequence state is exercised as in
-serving. ``--baseline`` loads another sampler module from a file (e.g. an earlier version via
+top-p 0.95 nucleus is ~29K of the 32K tokens) and appends the chosen tokens as the engine
+does, so per-sequence state is exercised as in serving. ``--baseline`` loads another sampler module from a file (e.g. an earlier version via
 ``git show e2514ec:mistral_serve/engine/sampler.py > /tmp/old_sampler.py``, the last
 per-row-loop sampler) and times it interleaved with the current one, step by step, so
 machine load hits both alike.
