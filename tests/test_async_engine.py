@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+import time
 
 import pytest
 
@@ -61,7 +64,35 @@ def test_non_streaming_mode_sends_first_and_merged_final(engine):
     first.merge(rest)
     assert first.outputs[0].token_ids == [t for o in streamed for t in o.outputs[0].token_ids]
     assert first.outputs[0].text == "".join(o.outputs[0].text for o in streamed)
-    assert engine._held == {}
+    assert engine._streams == {}
+
+
+def test_paced_stream_holds_deltas_between_intervals(engine):
+    """With ``interval_s`` the reader thread merges the deltas of one interval into one output:
+    the first token alone and at once, the end at once, every token exactly once in between."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    gaps: dict[str, list[float]] = {}
+
+    async def collect(rid, interval_s):
+        outs, times = [], []
+        async for o in engine.generate("Tell me a story", params, rid, interval_s=interval_s):
+            outs.append(o)
+            times.append(time.monotonic())
+        gaps[rid] = [b - a for a, b in zip(times[:-2], times[1:-1])]  # the last goes at once
+        return outs
+
+    every_step = run(collect("paced-0", None))
+    paced = run(collect("paced-1", lambda: 0.03))
+    held = run(collect("paced-2", lambda: 60.0))
+    assert len(every_step) == 40
+    assert 2 < len(paced) < 40 and len(paced[0].outputs[0].token_ids) == 1
+    assert len(held) == 2 and held[-1].finished  # an interval longer than the request: first, then the end
+    for outs in (paced, held):
+        assert [t for o in outs for t in o.outputs[0].token_ids] == \
+            [t for o in every_step for t in o.outputs[0].token_ids]
+        assert all(o.prompt_token_ids == every_step[0].prompt_token_ids for o in outs)
+    assert min(gaps["paced-1"]) >= 0.03 * 0.9, gaps  # no two paced outputs closer than the interval
+    assert engine._streams == {}
 
 
 def test_abort_frees_blocks_at_once(engine):
@@ -154,3 +185,75 @@ def test_wedged_loop_fails_health_check(tiny_model_dir):
     run(scenario())
     eng.shutdown()
 
+
+
+def test_core_coalesces_reports_without_losing_or_delaying_tokens(tiny_model_dir):
+    """``report_interval_s``: the core sends the steps of one interval as one report (fewer
+    outputs than tokens even when the caller takes every step), the first token alone, every
+    token once and in order; an abort's answer carries the tokens the core still held."""
+    eng = AsyncLLM(EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20), report_interval_s=0.05)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    async def scenario():
+        outs = [o async for o in eng.generate("Tell me a story", params, "coalesced")]
+        gen = eng.generate("a long story", SamplingParams(max_tokens=500, ignore_eos=True), "aborted")
+        got = [await gen.__anext__()]
+        await asyncio.sleep(0.3)
+        got.append(await gen.__anext__())
+        final = await eng.abort("aborted")
+        got += [o async for o in gen]  # what was queued, then the abort's answer
+        return outs, got, final
+
+    outs, got, final = run(scenario())
+    eng.shutdown()
+    offline = LLM(str(tiny_model_dir)).generate(["Tell me a story"], params)[0]
+    assert len(outs[0].outputs[0].token_ids) == 1 and 2 < len(outs) < 20
+    assert [t for o in outs for t in o.outputs[0].token_ids] == offline.outputs[0].token_ids
+    assert "".join(o.outputs[0].text for o in outs) == offline.outputs[0].text
+    assert got[-1].finished and got[-1].outputs[0].token_ids == final.outputs[0].token_ids
+    assert final.finished and final.outputs[0].token_ids  # the core held tokens back: the answer has them
+    assert sum(len(o.outputs[0].token_ids) for o in got) == final.metrics.num_generation_tokens
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_engine_built_in_a_loop_reads_reports_in_that_loop(tiny_model_dir, loop_kind):
+    """Built inside a running loop (as a served replica builds it), the engine reads the core's
+    pipe in that loop (no reader thread): streams, aborts and the core's death all arrive. Under
+    uvloop (Ray Serve's loop), whose poll handle makes the pipe non-blocking, a report larger
+    than one pipe write (prompt logprobs of a long prompt) still arrives whole."""
+
+    async def scenario():
+        threads = threading.active_count()
+        eng = AsyncLLM(EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20))
+        assert threading.active_count() == threads  # no reader thread
+        # A report is read whole only from a blocking pipe: its header and its body, when over
+        # 16 KiB, are two writes.
+        assert os.get_blocking(eng._conn.fileno())
+        big = [o async for o in eng.generate(list(range(5, 1500)), SamplingParams(max_tokens=2, prompt_logprobs=8),
+                                             "big-report")]
+        assert big[-1].finished and len(big[0].prompt_logprobs) == 1495
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        outs = [o async for o in eng.generate("Tell me a story", params, "in-loop")]
+        gen = eng.generate("a long story", SamplingParams(max_tokens=500, ignore_eos=True), "abort-me")
+        await gen.__anext__()
+        final = await eng.abort("abort-me")
+        assert final.finished and final.outputs[0].finish_reason == "abort"
+        await gen.aclose()
+        victim = eng.generate("another story", SamplingParams(max_tokens=5000, ignore_eos=True), "orphan")
+        await victim.__anext__()
+        eng._process.kill()
+        with pytest.raises(EngineDeadError, match="exited"):
+            async for _ in victim:
+                pass
+        eng.shutdown()
+        return outs
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            outs = runner.run(scenario())
+    else:
+        outs = run(scenario())
+    offline = LLM(str(tiny_model_dir)).generate(["Tell me a story"], SamplingParams(temperature=0, max_tokens=12,
+                                                                                  ignore_eos=True))[0]
+    assert [t for o in outs for t in o.outputs[0].token_ids] == offline.outputs[0].token_ids

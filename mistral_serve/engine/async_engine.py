@@ -1,8 +1,20 @@
 """The asyncio face of the engine, for the serving layer.
 
 The engine runs in a process of its own (``engine_core.py``: why, and the wire). Requests and
-aborts go to it as commands on a pipe; a reader thread here takes each step's report and
-hands its deltas to the event loop with one ``call_soon_threadsafe`` per step, not per token.
+aborts go to it as commands on a pipe. Its reports are read by the event loop the engine was
+built in (``add_reader`` on the pipe), or, built outside any loop (scripts, tests driving it
+from several loops in turn), by a reader thread that hands each report's deltas to their
+loops with one ``call_soon_threadsafe`` per report, not per token. The event loop reads them
+itself in a server because every thread woken costs CPU: measured in the served process on the
+2-vCPU machine (sequential 64-token requests), the reader thread took ~0.2 ms of CPU per report,
+~6 ms per request, while unpickling a report costs ~8 µs.
+
+The reader also paces each request (``_Stream``): a delta that its caller would only
+hold back (a streaming request whose next message is not due yet, a non-streaming request
+that has started) is merged into the request's pending output there, and the event loop wakes
+only for an output its caller will send. Paced in the event loop instead, every step woke
+every stream's tasks and timers to decide to wait: at 8 req/s on the 2-core machine that was
+most of the serving process's CPU per request (docs/serving.md, Performance).
 
 ``generate()`` is an async iterator of delta ``RequestOutput``s. Closing it early (a client
 disconnect cancels the consuming task) aborts the request and frees its KV blocks.
@@ -16,9 +28,12 @@ import contextlib
 import dataclasses
 import itertools
 import multiprocessing
+import math
+import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from mistral_serve.engine import engine_core as core
 from mistral_serve.engine.args import EngineArgs
@@ -39,12 +54,34 @@ class EngineDeadError(RuntimeError):
     """The engine stopped (a step raised, or its process died); in-flight requests cannot finish."""
 
 
+@dataclass(slots=True)
+class _Stream:
+    """One request's delivery: where its outputs go, and what the reader holds back.
+
+    Read and written by the reader only, after ``generate`` registered it."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    prompt_token_ids: list[int]  # put back on each output: the engine core sends them without it
+    # The gap to keep between two outputs after the first; None: the whole rest at the end.
+    interval_s: Callable[[], float] | None
+    pending: RequestOutput | None = None  # deltas merged since the last delivery
+    due: float = 0.0  # time.monotonic() from which the next output may go (0: the first, at once)
+
+
 class AsyncLLM:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, report_interval_s: float = 0.0) -> None:
+        """``report_interval_s``: how long the core may hold deltas nobody waits for before it
+        reports them (engine_core.py, ``_Reporter``); set it to the smallest gap at which a
+        caller sends a stream's messages. 0: a report per step."""
         # spawn, not fork: the owner may hold CUDA, Ray's threads or a running event loop.
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(target=core.run_engine_core, args=(args, child_conn), daemon=True,
+        # The core spaces reports by up to this much, on its own clock: a stream whose message is
+        # due within it goes with this report rather than a whole interval later.
+        self._due_slack_s = report_interval_s
+        self._report_interval_s = report_interval_s
+        self._process = ctx.Process(target=core.run_engine_core, args=(args, child_conn, report_interval_s), daemon=True,
                                     name="mistral-serve-engine-core")
         self._process.start()
         child_conn.close()
@@ -56,17 +93,23 @@ class AsyncLLM:
         self._progress_time = time.monotonic()
         self._routing_keys: list[int] = []
         self._send_lock = threading.Lock()
-        # request id -> (its loop, its queue, streaming?, its prompt ids: put back on each output,
-        # which the engine core sends without them)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool, list[int]]] = {}
-        # Non-streaming requests: deltas after the first, merged until the request finishes.
-        self._held: dict[str, RequestOutput | None] = {}
+        self._streams: dict[str, _Stream] = {}
         self._aborts: dict[int, asyncio.Future] = {}
         self._abort_tokens = itertools.count()
         self._stopping = False
         self._error: BaseException | None = None
-        self._reader = threading.Thread(target=self._read_reports, name="mistral-serve-engine-reader", daemon=True)
-        self._reader.start()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        if self._loop is not None:
+            self._loop.add_reader(self._conn.fileno(), self._on_readable)
+            # uvloop's poll handle makes the fd non-blocking; a report over 16 KiB (routing keys,
+            # prompt logprobs) is written as header then body, and a non-blocking read between the
+            # two raised BlockingIOError, which read as a lost core (seen under Serve's burst).
+            os.set_blocking(self._conn.fileno(), True)
+        else:
+            threading.Thread(target=self._read_reports, name="mistral-serve-engine-reader", daemon=True).start()
 
     def _receive_started(self) -> core.CoreStarted:
         try:
@@ -89,24 +132,28 @@ class AsyncLLM:
         request_id: str,
         priority: int = 0,
         stream: bool = True,
+        interval_s: Callable[[], float] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream delta outputs of one request; raises RequestError for an invalid request.
 
-        ``stream=False`` yields only two outputs: the first token (the start signal, e.g. for
-        TTFT) and the rest merged by the reader thread at the end, sparing the event loop one
-        wakeup per token for callers that want the whole answer anyway.
+        The first output (the first token: the start signal, e.g. for TTFT) and the last go at
+        once. In between, ``stream=True`` yields every step's delta, or with ``interval_s`` (a
+        callable, read by the reader: the gap may follow the load) at most one output per
+        ``interval_s()``, holding every delta since the previous one. ``stream=False`` yields only
+        the first and, merged, the rest at the end: no event-loop wakeup per token for callers
+        that want the whole answer anyway.
         """
         self._raise_if_dead()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         validate_request(ids, params, self._facts.vocab_size, self.max_model_len)  # fail fast, before queueing
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (loop, queue, stream, ids)
+        interval = (interval_s or _every_step) if stream else None
+        self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue, ids, interval)
         finished = False
         try:
-            self._send(core.AddRequest(request_id, ids, params, priority))
+            self._send(core.AddRequest(request_id, ids, params, priority, interim=stream))
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -117,7 +164,6 @@ class AsyncLLM:
                     return
         finally:
             self._streams.pop(request_id, None)
-            self._held.pop(request_id, None)
             if not finished and self._error is None:
                 with contextlib.suppress(EngineDeadError):  # a dead core holds no request
                     self._send(core.AbortRequest(request_id))
@@ -137,6 +183,15 @@ class AsyncLLM:
             return None
         finally:
             self._aborts.pop(token, None)
+
+    def set_report_interval(self, seconds: float) -> None:
+        """The gap the core may now hold deltas nobody waits for (``__init__``'s
+        ``report_interval_s``), for a caller whose streams' gap follows the load; a change of
+        under a quarter is not sent (every command wakes the core's receiver)."""
+        if abs(seconds - self._report_interval_s) > 0.25 * self._report_interval_s:
+            self._report_interval_s = seconds
+            with contextlib.suppress(EngineDeadError):
+                self._send(core.SetReportInterval(seconds))
 
     def inject_fault(self, kind: str, after_steps: int = 0, seconds: float = 0.0) -> None:
         """Test hooks (``engine_core.InjectFault``): ``raise``, ``wedge``, ``slow`` or ``clear``."""
@@ -182,7 +237,14 @@ class AsyncLLM:
         self._process.join(SHUTDOWN_TIMEOUT_S)
         if self._process.is_alive():
             self._process.terminate()
-        self._conn.close()
+        if self._loop is None:
+            self._conn.close()
+            return
+        if _running_loop() is self._loop:
+            self._loop.remove_reader(self._conn.fileno())
+            self._conn.close()
+        elif not self._loop.is_closed():  # called from another thread: the loop unregisters the pipe
+            self._loop.call_soon_threadsafe(self._loop.remove_reader, self._conn.fileno())
 
     # ---- the pipe ---------------------------------------------------------------------------
 
@@ -200,29 +262,49 @@ class AsyncLLM:
             raise EngineDeadError(f"the engine process is not running (exit code {self._process.exitcode})")
 
     def _read_reports(self) -> None:
-        """The reader thread: every report from the core, until it fails or goes away."""
+        """The reader thread (an engine built outside an event loop): every report, until the
+        core fails or goes away."""
         try:
-            while True:
-                report = self._conn.recv()
-                if isinstance(report, core.StepReport):
-                    self._stats, self._progress_time = report.stats, report.progress_time
-                    if report.routing_keys is not None:
-                        self._routing_keys = report.routing_keys
-                    if report.outputs:
-                        self._dispatch(report.outputs)
-                elif isinstance(report, core.RequestFailed):
-                    self._dispatch_one(report.request_id, report.error)
-                elif isinstance(report, core.AbortDone):
-                    if report.output is not None:
-                        self._dispatch([report.output])
-                    self._resolve_abort(report.token, report.output)
-                elif isinstance(report, core.CoreFailed):
-                    self._die(EngineDeadError(f"engine step failed: {report.error}"))
+            while self._handle(self._conn.recv()):
+                pass
+        except (EOFError, OSError):
+            self._lost()
+
+    def _on_readable(self) -> None:
+        """The event loop's reader: the reports waiting on the pipe."""
+        try:
+            while self._conn.poll():
+                if not self._handle(self._conn.recv()):
+                    self._loop.remove_reader(self._conn.fileno())
                     return
         except (EOFError, OSError):
-            if not self._stopping:
-                self._process.join(1)
-                self._die(EngineDeadError(f"the engine process exited (exit code {self._process.exitcode})"))
+            self._loop.remove_reader(self._conn.fileno())
+            self._lost()
+
+    def _handle(self, report) -> bool:
+        """Apply one report; False once the core has failed (nothing more will come)."""
+        if isinstance(report, core.StepReport):
+            self._stats, self._progress_time = report.stats, report.progress_time
+            if report.routing_keys is not None:
+                self._routing_keys = report.routing_keys
+            if report.outputs:
+                self._dispatch(report.outputs)
+        elif isinstance(report, core.RequestFailed):
+            self._dispatch_one(report.request_id, report.error)
+        elif isinstance(report, core.AbortDone):
+            if report.output is not None:
+                self._dispatch([report.output])
+            self._resolve_abort(report.token, report.output)
+        elif isinstance(report, core.CoreFailed):
+            self._die(EngineDeadError(f"engine step failed: {report.error}"))
+            return False
+        return True
+
+    def _lost(self) -> None:
+        """The pipe closed: the core exited (or we shut it down)."""
+        if not self._stopping:
+            self._process.join(1)
+            self._die(EngineDeadError(f"the engine process exited (exit code {self._process.exitcode})"))
 
     def _die(self, exc: EngineDeadError) -> None:
         self._error = exc
@@ -233,35 +315,53 @@ class AsyncLLM:
     def _resolve_abort(self, token: int, output: RequestOutput | None) -> None:
         done = self._aborts.get(token)
         if done is not None:
-            done.get_loop().call_soon_threadsafe(_resolve, done, output)
+            self._call_in(done.get_loop(), _resolve, done, output)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand every output that may go now to its request's loop, one wakeup per loop; merge
+        the others into their request's pending output (``_Stream``)."""
+        now = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
         for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
+            s = self._streams.get(out.request_id)
+            if s is None:
                 continue
-            loop, queue, streaming, out.prompt_token_ids = stream
-            if not streaming:
-                if out.request_id in self._held:  # the first output went out already
-                    held = self._held[out.request_id]
-                    if held is None:
-                        self._held[out.request_id] = held = out
-                    else:
-                        held.merge(out)
-                    if not out.finished:
-                        continue
-                    out = self._held.pop(out.request_id)
-                else:
-                    self._held[out.request_id] = None
-            by_loop[loop].append((queue, out))
+            if s.pending is not None:
+                s.pending.merge(out)
+                out = s.pending
+            if not out.finished and now < s.due:
+                s.pending = out
+                continue
+            s.pending = None
+            s.due = now + s.interval_s() - self._due_slack_s if s.interval_s is not None else math.inf
+            out.prompt_token_ids = s.prompt_token_ids
+            by_loop[s.loop].append((s.queue, out))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, items)
+            self._call_in(loop, _deliver, items)
 
     def _dispatch_one(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream[0].call_soon_threadsafe(_deliver, [(stream[1], item)])
+        s = self._streams.get(request_id)
+        if s is not None:
+            self._call_in(s.loop, _deliver, [(s.queue, item)])
+
+    def _call_in(self, loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+        """Run ``fn(*args)`` in ``loop``: at once when we are running in it (the event loop's
+        reader, or a caller on that loop), else through ``call_soon_threadsafe``."""
+        if _running_loop() is loop:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _every_step() -> float:
+    return 0.0
 
 
 def _deliver(items: list) -> None:

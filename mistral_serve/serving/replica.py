@@ -11,6 +11,10 @@ validated. The replica answers with few, fat messages, because each message cros
 - non-streaming requests: one message at the first token (the Router's queue timeout needs
   to know the request started) and one at the end.
 
+The engine applies the pacing: its core reports at the pacing interval (``set_report_interval``)
+and ``AsyncLLM.generate`` (``interval_s``) merges what arrives early, so this event loop wakes
+once per message, not once per engine step.
+
 Cancelling the call (client disconnect, router deadline) aborts the request in the engine,
 which frees its KV blocks at once and returns the compute it used, billed to its tenant.
 """
@@ -139,13 +143,13 @@ class LLMReplica:
         self.args = AppArgs.model_validate(args)
         self.model_dir = resolve_model(self.args.model)
         t0 = time.monotonic()
-        self.engine = AsyncLLM(self.args.engine_args(str(self.model_dir)))
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
-        self.model_name = self.args.model_name
         r = self.args.replicas
         self.pacer = StreamPacer(r.stream_interval_ms / 1000.0, max(r.stream_interval_ms, r.stream_max_interval_ms) / 1000.0,
                                  r.stream_messages_per_s)
+        self.engine = AsyncLLM(self.args.engine_args(str(self.model_dir)), report_interval_s=self.pacer.min_interval_s)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = self.args.model_name
         self.stall_timeout_s = self.args.replicas.stall_timeout_s
         self.price = self.args.cost.gpu_price_usd_per_hour
         self._ongoing = 0
@@ -190,7 +194,8 @@ class LLMReplica:
             return
         stream = bool(req.stream)
         acc = _Accumulator(params.logprobs, self.tokenizer, params.n, params.prompt_logprobs)
-        outputs = self.engine.generate(req.prompt_token_ids, params, rid, req.priority)
+        outputs = self.engine.generate(req.prompt_token_ids, params, rid, req.priority, stream=stream,
+                                       interval_s=self.pacer.interval_s)
         messages = self._messages(rid, outputs, acc, stream)
         self._ongoing += 1
         failed = False
@@ -219,57 +224,41 @@ class LLMReplica:
                                                                            self.price))
 
     async def _messages(self, rid: str, outputs, acc: _Accumulator, stream: bool):
-        """Messages of one request. Streaming: the first token at once, then at most one message
-        per interval, and the last one as soon as the request ends. Non-streaming: the first
-        token (the Router's start signal), then the final message. A pump task owns the engine stream so that neither waiting out the interval nor
-        our own cancellation cancels it: on an early exit we abort the request ourselves first,
-        which returns its final output (its compute), then stop the pump."""
+        """Messages of one request, one per engine output (the engine paced them): streaming,
+        the first token, then a message per interval, and the last as soon as the request ends;
+        non-streaming, the first token (the Router's start signal), then the final message. A
+        pump task owns the engine stream so that our own cancellation does not cancel it: on an
+        early exit we abort the request ourselves first, which returns its final output (its
+        compute), then stop the pump."""
         queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        ended = asyncio.Event()  # the last output (or an error) is queued: a pacing wait ends early
 
         async def pump() -> None:
             try:
                 async for out in outputs:
                     queue.put_nowait(out)
-                    if out.finished:
-                        ended.set()
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - delivered to the consumer below
                 queue.put_nowait(exc)
-                ended.set()
 
-        task = loop.create_task(pump())
-        pacer = self.pacer if stream else None
-        if pacer is not None:
-            pacer.opened()
-        first, last_sent = True, 0.0
+        task = asyncio.get_running_loop().create_task(pump())
+        if stream:
+            self.pacer.opened()
+            self.engine.set_report_interval(self.pacer.interval_s())
         try:
             while True:
                 acc.add(await queue.get())
                 _drain(queue, acc)
-                if pacer is not None and not acc.finished and not first:
-                    wait = last_sent + pacer.interval_s() - loop.time()
-                    if wait > 0:
-                        # The final message is not held back to the interval: a finished
-                        # request's slot (a client's concurrency, a batch seat) frees at once.
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(wait):
-                                await ended.wait()
-                        _drain(queue, acc)
                 if acc.finished:
                     for msg in self._final_messages(acc):
                         yield msg
                     return
-                if first or stream:
-                    first = False
-                    last_sent = loop.time()
-                    for msg in acc.deltas():
-                        yield msg
+                for msg in acc.deltas():
+                    yield msg
         finally:
-            if pacer is not None:
-                pacer.closed()
+            if stream:
+                self.pacer.closed()
+                self.engine.set_report_interval(self.pacer.interval_s())
             if not task.done():
                 if not acc.finished and self._failed is None:
                     with contextlib.suppress(Exception):  # a wedged engine must not hold us here
