@@ -250,8 +250,8 @@ class _Reporter:
         self.started.discard(request_id)
         self.quiet.discard(request_id)
         held = self.pending.pop(request_id, None)
-        if held is None or last is None:
-            return last if held is None else held
+        if held is None or last is None:  # nothing held, or the engine no longer knew the request
+            return last
         held.merge(last)
         return held
 
