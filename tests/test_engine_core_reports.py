@@ -19,6 +19,7 @@ def _tokens(outputs: list[RequestOutput] | None) -> dict[str, list[int]]:
 def test_first_and_finished_outputs_go_at_once_the_rest_waits_for_the_interval():
     r = _Reporter(interval_s=0.010)
     assert _tokens(r.add([_delta("a", 10)], now=1.000, step_s=0.002)) == {"a": [10]}  # a's first token
+    assert r.urgent  # a first output: the core sends its stats along (blocks taken)
     assert r.add([_delta("a", 11)], now=1.002, step_s=0.002) is None
     assert r.add([_delta("a", 12)], now=1.004, step_s=0.002) is None
     # b starts: its first token takes a's held ones along
@@ -29,9 +30,11 @@ def test_first_and_finished_outputs_go_at_once_the_rest_waits_for_the_interval()
     out = r.add([_delta("a", 15), _delta("b", 22)], now=1.016, step_s=0.002)
     assert _tokens(out) == {"a": [14, 15], "b": [21, 22]} and [o.outputs[0].text for o in out] == \
         ["<14><15>", "<21><22>"]
+    assert not r.urgent  # an interval's report: its stats may wait (engine_core.STATS_REPORT_S)
     assert r.add([_delta("a", 16)], now=1.018, step_s=0.002) is None
     done = r.add([_delta("a", 17, finished=True)], now=1.019, step_s=0.001)  # the end goes at once
     assert _tokens(done) == {"a": [16, 17]} and done[0].finished and done[0].outputs[0].finish_reason == "length"
+    assert r.urgent
     assert r.pending == {} and r.started == {"b"}
 
 

@@ -15,8 +15,10 @@ The wire, one direction each way. Everything is pickled once per message, never 
 - commands (``AsyncLLM`` → core): ``AddRequest``, ``AbortRequest``, ``SetReportInterval``,
   ``InjectFault``, ``Shutdown``;
 - reports (core → ``AsyncLLM``): ``CoreStarted`` once, then ``StepReport``s: each holds the
-  deltas of every request since the previous report, a stats snapshot and, at most every
-  ``ROUTING_REPORT_S``, the prefix-cache routing keys. An idle core sends an empty
+  deltas of every request since the previous report, the time of the latest progress, a stats
+  snapshot (with a request's first output or its end, an abort's answer and a heartbeat;
+  otherwise at most every ``STATS_REPORT_S``) and, at most every ``ROUTING_REPORT_S``, the prefix-cache routing keys.
+  An idle core sends an empty
   ``StepReport`` every ``IDLE_HEARTBEAT_S``, so the owner can tell idle from wedged.
   ``RequestFailed`` and ``AbortDone`` answer single commands; ``CoreFailed`` is the last word
   of a core whose step raised.
@@ -25,8 +27,11 @@ Reports are coalesced (``_Reporter``): a step whose deltas nobody waits for (no 
 token, no finished request) is merged into the next report unless the report interval has
 passed since the last one; the deltas of a request whose owner wants only its end (a
 non-streaming one) never make a report go. A report costs its reader far more than the
-unpickling: measured on the 2-vCPU machine, 0.1-0.35 ms of the serving process's CPU per
-report (a thread woken from sleep), ~8 µs of it unpickling. Sequential 64-token requests through
+unpickling in a warm loop suggests: the engine's threads evict the reader's caches between two
+reports, and the reader runs cold. Measured on the 2-vCPU machine (a standalone ``AsyncLLM``,
+one stream, per-thread CPU from /proc): 0.3-0.37 ms of the owner's CPU per report, ~0.1 ms of
+it unpickling a report that takes 8 µs in a warm loop, most of that the stats snapshot; hence
+the stats at most every ``STATS_REPORT_S``. Sequential 64-token requests through
 `mistral-serve serve`, one report per ~4 ms step against coalesced, interleaved runs: 17-21 ->
 5-6 ms of Router CPU per non-streaming request, 9-12 -> 6 ms per streaming one at 4 concurrent.
 The owner keeps the interval at the gap it sends a stream's messages at (``SetReportInterval``:
@@ -56,6 +61,7 @@ from mistral_serve.engine.stats import EngineStats
 
 IDLE_HEARTBEAT_S = 0.5
 ROUTING_REPORT_S = 0.5
+STATS_REPORT_S = 0.1  # stats readers poll at ~1 s (routing, autoscaling, metrics export)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -124,7 +130,7 @@ class StepReport:
     async engine sent the prompt and puts it back, so no step pickles O(context) per request."""
 
     outputs: list[RequestOutput]
-    stats: EngineStats
+    stats: EngineStats | None  # None: unchanged for the owner's purposes since the last one (``_report``)
     progress_time: float  # time.monotonic() (one clock for all processes) of the latest progress
     routing_keys: list[int] | None = None  # None: unchanged since the last report that had them
 
@@ -215,6 +221,7 @@ class _Reporter:
         self.started: set[str] = set()  # requests whose first output was sent
         self.quiet: set[str] = set()  # requests whose owner wants only the first output and the end
         self.sent_at = -interval_s
+        self.urgent = False  # the last report returned by ``add`` held a request's first output or its end
 
     def add(self, outputs: list[RequestOutput], now: float, step_s: float) -> list[RequestOutput] | None:
         """Take a step's deltas; returns every pending output if a report should go now, else None."""
@@ -231,6 +238,7 @@ class _Reporter:
         if not urgent and now - self.sent_at < IDLE_HEARTBEAT_S and (
                 now + step_s < self.sent_at + self.interval_s or self.quiet.issuperset(self.pending)):
             return None
+        self.urgent = urgent
         return self.flush(now)
 
     def flush(self, now: float) -> list[RequestOutput]:
@@ -267,6 +275,7 @@ class EngineCore:
         self._stopping = False
         self._faults = _FaultHook()
         self._routing_sent_at = -ROUTING_REPORT_S
+        self._stats_sent_at = -STATS_REPORT_S
         threading.Thread(target=self._receive, name="engine-core-receiver", daemon=True).start()
 
     def _send(self, report) -> None:
@@ -316,7 +325,7 @@ class EngineCore:
                 now = time.monotonic()
                 outputs = self._reporter.add(outputs, now, now - start)
                 if outputs is not None:
-                    self._report(outputs, now)
+                    self._report(outputs, now, with_stats=self._reporter.urgent)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting clients
             self._send(CoreFailed(repr(exc)))
 
@@ -349,12 +358,18 @@ class EngineCore:
             for answer in answers:
                 self._send(answer)
 
-    def _report(self, outputs: list[RequestOutput], now: float | None = None) -> None:
+    def _report(self, outputs: list[RequestOutput], now: float | None = None, with_stats: bool = True) -> None:
+        """``with_stats``: the report must carry the stats (a request starts or ends, whose owner
+        may read them next: its blocks taken, or freed); otherwise they go at most every
+        ``STATS_REPORT_S``."""
         now = time.monotonic() if now is None else now
         keys = None
         if now - self._routing_sent_at >= ROUTING_REPORT_S:
             keys = self.engine.block_manager.routing_keys()
             self._routing_sent_at = now
-        stats = self.engine.stats.snapshot(alive=True, seconds_since_progress=0.0)
+        stats = None
+        if with_stats or now - self._stats_sent_at >= STATS_REPORT_S:
+            stats = self.engine.stats.snapshot(alive=True, seconds_since_progress=0.0)
+            self._stats_sent_at = now
         self._send(StepReport(without_prompts(outputs), stats, now, keys))
 
