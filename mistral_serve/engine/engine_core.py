@@ -17,9 +17,9 @@ The wire, one direction each way. Everything is pickled once per message, never 
 - reports (core → ``AsyncLLM``): ``CoreStarted`` once, then ``StepReport``s: each holds the
   deltas of every request since the previous report, the time of the latest progress, a stats
   snapshot (with a request's first output or its end, an abort's answer and a heartbeat;
-  otherwise at most every ``STATS_REPORT_S``) and, at most every ``ROUTING_REPORT_S``, the prefix-cache routing keys.
-  An idle core sends an empty
-  ``StepReport`` every ``IDLE_HEARTBEAT_S``, so the owner can tell idle from wedged.
+  otherwise at most every ``STATS_REPORT_S``) and, at most every ``ROUTING_REPORT_S``, the
+  prefix-cache routing keys. An idle core sends an empty ``StepReport`` every
+  ``IDLE_HEARTBEAT_S``, so the owner can tell idle from wedged.
   ``RequestFailed`` and ``AbortDone`` answer single commands; ``CoreFailed`` is the last word
   of a core whose step raised.
 
@@ -30,8 +30,8 @@ non-streaming one) never make a report go. A report costs its reader far more th
 unpickling in a warm loop suggests: the engine's threads evict the reader's caches between two
 reports, and the reader runs cold. Measured on the 2-vCPU machine (a standalone ``AsyncLLM``,
 one stream, per-thread CPU from /proc): 0.3-0.37 ms of the owner's CPU per report, ~0.1 ms of
-it unpickling a report that takes 8 µs in a warm loop, most of that the stats snapshot; hence
-the stats at most every ``STATS_REPORT_S``. Sequential 64-token requests through
+it unpickling a report that takes 10 µs in a warm loop (4 of them the stats snapshot); hence
+the stats at most every ``STATS_REPORT_S``: 0.27-0.31 ms per report after. Sequential 64-token requests through
 `mistral-serve serve`, one report per ~4 ms step against coalesced, interleaved runs: 17-21 ->
 5-6 ms of Router CPU per non-streaming request, 9-12 -> 6 ms per streaming one at 4 concurrent.
 The owner keeps the interval at the gap it sends a stream's messages at (``SetReportInterval``:
@@ -130,7 +130,7 @@ class StepReport:
     async engine sent the prompt and puts it back, so no step pickles O(context) per request."""
 
     outputs: list[RequestOutput]
-    stats: EngineStats | None  # None: unchanged for the owner's purposes since the last one (``_report``)
+    stats: EngineStats | None  # None: not sent with this report (``EngineCore._report``); the owner keeps the last
     progress_time: float  # time.monotonic() (one clock for all processes) of the latest progress
     routing_keys: list[int] | None = None  # None: unchanged since the last report that had them
 
