@@ -154,6 +154,13 @@ def test_deployment_options():
     assert llm["num_replicas"] == 3 and llm["max_ongoing_requests"] == 20
     assert llm["request_router_config"].request_router_class.endswith("LeastQueueDepthRouter")
     assert router["max_ongoing_requests"] >= 1000
+    # the Router's code runs on Serve's main loop unless asked otherwise; the replicas' keep Ray's default
+    assert router["ray_actor_options"]["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    _, router = deployment_options(AppArgs.model_validate({"router": {"user_code_thread": True}}))
+    assert "runtime_env" not in router["ray_actor_options"]
+    _, router = deployment_options(AppArgs.model_validate({"router": {"colocate_engine": True}}))
+    assert router["ray_actor_options"]["runtime_env"]["env_vars"] == {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0"}
     llm, _ = deployment_options(AppArgs.model_validate({"replicas": {"autoscaling_config": {"max_replicas": 4}}}))
     assert "num_replicas" not in llm and llm["autoscaling_config"] == {"max_replicas": 4}
 

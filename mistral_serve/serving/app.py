@@ -62,6 +62,15 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
         router["ray_actor_options"] = {**actor, "num_cpus": args.engine_process_cpus}
         for key in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s"):
             router[key] = llm[key]
+    if not args.router.user_code_thread:
+        # Read by Serve when the Router's worker starts. With user code in its own thread, every
+        # ASGI message of a stream crosses to Serve's loop (call_soon_threadsafe, a task and an
+        # asyncio.wait each), and the two loops trade the GIL.
+        options = router["ray_actor_options"]
+        runtime_env = dict(options.get("runtime_env") or {})
+        env_vars = runtime_env.get("env_vars") or {}
+        runtime_env["env_vars"] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **env_vars}
+        router["ray_actor_options"] = {**options, "runtime_env": runtime_env}
     return llm, router
 
 

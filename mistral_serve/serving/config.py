@@ -136,6 +136,11 @@ class RouterConfig(_Strict):
         True, description="`mistral-serve serve` with one Router: the Router answers HTTP on the server's port itself "
                           "(Ray's direct ingress), so streamed tokens skip the proxy hop; `serve deploy` and KubeRay keep "
                           "Ray's proxy")
+    user_code_thread: bool = Field(
+        False, description="run the Router's code in a thread of its own, as Ray Serve does by default; off (ours): "
+                           "on the replica's main event loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0), which "
+                           "saves a cross-thread hop per streamed message, 11-22% of the Router's CPU per request "
+                           "(docs/serving.md)")
     colocate_engine: bool = Field(
         False, description="run the one engine inside the Router's process (serving/in_process_replica.py) instead "
                            "of an LLMReplica deployment: no Ray message per request or per streamed chunk, and the "
