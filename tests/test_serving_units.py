@@ -70,7 +70,8 @@ def test_colocated_engine_takes_the_routers_cpus_too():
         ("Router holding the engine (replicas.num_cpus 1 + router.num_cpus 0.25)", 1, 1.25, 1.0)]
     separate = AppArgs.model_validate({"replicas": {"num_cpus": 1, "num_gpus": 1}})
     assert [d[0] for d in replica_demand(separate) if d[0] != "AdmissionState"] == ["LLMReplica", "Router"]
-    assert deployment_options(separate)[1]["ray_actor_options"] == {"num_cpus": 0.25}
+    assert deployment_options(separate)[1]["ray_actor_options"] == {
+        "num_cpus": 0.25, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
 
 
 @pytest.mark.parametrize("args", [{"replicas": {"num_replicas": 2}}, {"replicas": {"num_replicas": "auto"}},
