@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mistral_serve import EngineArgs, LLM, SamplingParams
+from mistral_serve.engine import engine_core as core
 from mistral_serve.engine.async_engine import AsyncLLM, EngineDeadError, RequestError
 
 
@@ -93,6 +94,33 @@ def test_paced_stream_holds_deltas_between_intervals(engine):
         assert all(o.prompt_token_ids == every_step[0].prompt_token_ids for o in outs)
     assert min(gaps["paced-1"]) >= 0.03 * 0.9, gaps  # no two paced outputs closer than the interval
     assert engine._streams == {}
+
+
+def test_reports_carry_stats_at_a_requests_end_not_every_step(engine):
+    """The stats go with a request's end and at most every STATS_REPORT_S in between (its start:
+    test_abort_frees_blocks_at_once reads the blocks taken right after the first token)."""
+    seen = []
+    handle = engine._handle
+
+    def recording(report):
+        if isinstance(report, core.StepReport) and report.outputs:
+            seen.append((report.stats, [(o.request_id, o.finished) for o in report.outputs]))
+        return handle(report)
+
+    async def scenario():
+        params = SamplingParams(max_tokens=48, ignore_eos=True)
+        return [o async for o in engine.generate("stats please", params, "stats-1")]  # a report per step
+
+    # The reader thread, blocked on the pipe, already holds the old handler for one report: the
+    # first one goes unrecorded.
+    engine._handle = recording
+    try:
+        outs = run(scenario())
+    finally:
+        engine._handle = handle
+    assert seen[-1][1] == [("stats-1", True)] and seen[-1][0] is not None  # the end
+    assert any(stats is None for stats, _ in seen[:-1])  # steps in between: at most every STATS_REPORT_S
+    assert engine.stats().generation_tokens >= sum(len(o.outputs[0].token_ids) for o in outs)
 
 
 def test_abort_frees_blocks_at_once(engine):

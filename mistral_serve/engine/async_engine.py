@@ -5,8 +5,9 @@ aborts go to it as commands on a pipe. Its reports are read by the event loop th
 built in (``add_reader`` on the pipe), or, built outside any loop (scripts, tests driving it
 from several loops in turn), by a reader thread that hands each report's deltas to their
 loops with one ``call_soon_threadsafe`` per report, not per token. The event loop reads them
-itself in a server because every thread woken costs CPU (0.1-0.35 ms a wakeup on the 2-vCPU
-machine, against ~8 µs to unpickle a report): a report then wakes one thread, not two.
+itself in a server because every wakeup costs CPU, not for waking (12-40 µs on the 2-vCPU
+machine) but because the woken code runs cold after the engine's threads had the cores
+(engine_core.py): a report then wakes one thread, not two.
 
 The reader also paces each request (``_Stream``): a delta that its caller would only
 hold back (a streaming request whose next message is not due yet, a non-streaming request

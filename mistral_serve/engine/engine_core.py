@@ -31,8 +31,8 @@ unpickling in a warm loop suggests: the engine's threads evict the reader's cach
 reports, and the reader runs cold. Measured on the 2-vCPU machine (a standalone ``AsyncLLM``,
 one stream, per-thread CPU from /proc): 0.3-0.37 ms of the owner's CPU per report, ~0.1 ms of
 it unpickling a report that takes 10 µs in a warm loop (4 of them the stats snapshot); hence
-the stats at most every ``STATS_REPORT_S``: 0.27-0.31 ms per report after. Sequential 64-token requests through
-`mistral-serve serve`, one report per ~4 ms step against coalesced, interleaved runs: 17-21 ->
+the stats at most every ``STATS_REPORT_S``: 0.27-0.31 ms per report after. Sequential 64-token
+requests through `mistral-serve serve`, one report per ~4 ms step against coalesced, interleaved runs: 17-21 ->
 5-6 ms of Router CPU per non-streaming request, 9-12 -> 6 ms per streaming one at 4 concurrent.
 The owner keeps the interval at the gap it sends a stream's messages at (``SetReportInterval``:
 the replica's pacing, which grows with the number of streams), so no message waits for it.

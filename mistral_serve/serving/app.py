@@ -23,9 +23,7 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
     runtime_env = dict(r.runtime_env or {})
     if r.worker_niceness is not None:
         # Read by each Ray worker when it starts: only the LLMReplica processes get it.
-        env_vars = dict(runtime_env.get("env_vars") or {})
-        env_vars.setdefault("RAY_worker_niceness", str(r.worker_niceness))
-        runtime_env["env_vars"] = env_vars
+        runtime_env = _with_env_default(runtime_env, "RAY_worker_niceness", str(r.worker_niceness))
     if runtime_env:
         actor["runtime_env"] = runtime_env
     llm: dict[str, Any] = {
@@ -67,11 +65,16 @@ def deployment_options(args: AppArgs) -> tuple[dict, dict]:
         # ASGI message of a stream crosses to Serve's loop (call_soon_threadsafe, a task and an
         # asyncio.wait each), and the two loops trade the GIL.
         options = router["ray_actor_options"]
-        runtime_env = dict(options.get("runtime_env") or {})
-        env_vars = runtime_env.get("env_vars") or {}
-        runtime_env["env_vars"] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **env_vars}
-        router["ray_actor_options"] = {**options, "runtime_env": runtime_env}
+        router["ray_actor_options"] = {**options, "runtime_env": _with_env_default(
+            options.get("runtime_env"), "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")}
     return llm, router
+
+
+def _with_env_default(runtime_env: dict | None, key: str, value: str) -> dict:
+    """A copy of ``runtime_env`` whose ``env_vars`` hold ``key`` (a value set there already wins)."""
+    out = dict(runtime_env or {})
+    out["env_vars"] = {key: value, **(out.get("env_vars") or {})}
+    return out
 
 
 def build_app(args: dict | AppArgs | None = None) -> serve.Application:
